@@ -1,0 +1,131 @@
+"""The always-available backend: the backend interface in plain PyTorch.
+
+Readable and device-agnostic. Log-prob work is done in row chunks so its float32
+temporaries stay O(chunk · V) even for bf16 inputs of any length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+AVAILABLE = True
+DEVICES = ("cpu", "cuda")
+_ROW_ELEMENTS = 1 << 22  # float32 temporaries per chunk: 16 MB
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, _ROW_ELEMENTS // max(n_cols, 1))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
+    n, v = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(logp)
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    for s, e in _row_chunks(n, v):
+        z = logits[s:e].float() / temperature
+        lse_c = torch.logsumexp(z, dim=-1)
+        lse[s:e] = lse_c
+        logp[s:e] = z.gather(-1, labels[s:e, None]).squeeze(-1) - lse_c
+        if with_entropy:
+            p = torch.exp(z - lse_c[:, None])
+            entropy[s:e] = lse_c - (p * z).sum(-1)
+    return logp, lse, entropy
+
+
+def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature: float,
+                      inplace: bool):
+    n, v = logits.shape
+    out = logits if inplace else torch.empty_like(logits)
+    for s, e in _row_chunks(n, v):
+        z = logits[s:e].float() / temperature
+        log_p = z - lse[s:e, None]
+        p = torch.exp(log_p)
+        # d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
+        g = -p * grad_logp[s:e, None]
+        g.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None])
+        if grad_entropy is not None:
+            g -= p * (log_p + entropy[s:e, None]) * grad_entropy[s:e, None]
+        out[s:e] = g / temperature
+    return out
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float):
+    """Reverse recurrence vectorised over rows; masked steps carry the state through."""
+    adv = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(next_value)
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = torch.where(m, a, 0.0)
+        next_value = torch.where(m, values[:, t], next_value)
+        next_adv = torch.where(m, a, next_adv)
+    returns = torch.where(mask, adv + values, 0.0)
+    return adv, returns
+
+
+def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
+                     returns, *, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                     entropy_coef, value_clip, value_coef):
+    """Loss, stats and per-token gradients with the derivatives written out (custom ops run
+    below autograd, so the gradient is stated, not traced)."""
+    n = mask.sum()
+    inv = 1.0 / n.clamp_min(1.0)
+    zero = torch.zeros_like(logp)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    a = advantages
+    unclipped = -a * ratio
+    clipped = -a * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
+    take_unclipped = unclipped >= clipped
+    pg = torch.where(take_unclipped, unclipped, clipped)
+    d_pg = torch.where(take_unclipped, unclipped, zero)  # d(-A r)/d logp = -A r
+    if dual_clip is not None:
+        capped = (a < 0) & (pg > -a * dual_clip)
+        pg = torch.where(capped, -a * dual_clip, pg)
+        d_pg = torch.where(capped, zero, d_pg)
+    total, g_logp = pg, d_pg
+    kl = zero
+    if ref_logp is not None:
+        d = logp - ref_logp
+        if kl_estimator == "k1":
+            kl, d_kl = d, torch.ones_like(d)
+        elif kl_estimator == "k2":
+            kl, d_kl = 0.5 * d * d, d
+        else:
+            e = torch.exp(-d)
+            kl, d_kl = e + d - 1, 1 - e
+        total = total + kl_coef * kl
+        g_logp = g_logp + kl_coef * d_kl
+    ent = zero if entropy is None else entropy
+    if entropy is not None:
+        total = total - entropy_coef * entropy
+    vf = zero
+    g_val = logp.new_empty(0)
+    if values is not None:
+        err = values - returns
+        vf, d_vf = err * err, err
+        if value_clip is not None and old_values is not None:
+            delta = values - old_values
+            err_c = old_values + delta.clamp(-value_clip, value_clip) - returns
+            use_unclipped = vf >= err_c * err_c
+            inside = (delta.abs() < value_clip).to(err.dtype)
+            vf = torch.where(use_unclipped, vf, err_c * err_c)
+            d_vf = torch.where(use_unclipped, err, err_c * inside)
+        vf = 0.5 * vf
+        total = total + value_coef * vf
+        g_val = value_coef * d_vf * mask * inv
+    approx_kl = ratio - 1 - log_ratio
+    clip_ind = (clipped > unclipped).to(logp.dtype)
+    terms = torch.stack([total, pg, vf, kl, ent, clip_ind, approx_kl])
+    stat_vec = (terms * mask).sum(-1) * inv
+    g_logp = g_logp * mask * inv
+    g_ent = -entropy_coef * mask * inv if entropy is not None else logp.new_empty(0)
+    return stat_vec[0].clone(), stat_vec, g_logp, g_ent, g_val
