@@ -8,12 +8,16 @@
 Importing this package needs only torch; it never imports rlfuse.engine.
 """
 
-from .dispatch import available_backends, current_backend, unavailable_reasons, use_backend
-from .gae import gae
-from .linear_logprobs import linear_logprobs
-from .logprobs import logprobs_from_logits
-from .ppo_loss import ppo_loss
-from .whiten import masked_whiten
+if __name__ == "rlfuse.kernels":
+    from .dispatch import available_backends, current_backend, unavailable_reasons, use_backend
+    from .gae import gae
+    from .linear_logprobs import linear_logprobs
+    from .logprobs import logprobs_from_logits
+    from .ppo_loss import ppo_loss
+    from .whiten import masked_whiten
+# else: this folder was imported as a top-level ``kernels`` (transformers and bitsandbytes probe
+# for Hugging Face's package of that name and find it when the repo root is on sys.path). Stay
+# an empty module with no version, so they conclude "not installed" and no op registers twice.
 
 __all__ = [
     "available_backends",

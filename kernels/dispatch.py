@@ -28,7 +28,22 @@ _loaded: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}
 
 
+@torch.compiler.assume_constant_result
+def _load_all_outside_graph() -> bool:
+    """Import every backend once. Under torch.compile this runs eagerly at trace time (dynamo
+    cannot trace ``importlib``), so an op first called inside a compiled graph does not break it."""
+    for name in _MODULES:
+        _import(name)
+    return True
+
+
 def _load(name: str) -> ModuleType | None:
+    if torch.compiler.is_compiling():  # before dynamo first reads ``_loaded``
+        _load_all_outside_graph()
+    return _import(name)
+
+
+def _import(name: str) -> ModuleType | None:
     if name not in _loaded:
         try:
             module = importlib.import_module(_MODULES[name])

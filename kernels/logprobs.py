@@ -57,14 +57,18 @@ def _logprobs_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, entropy: 
                           grad_logp: Tensor, grad_entropy: Tensor | None, temperature: float,
                           backend: str) -> Tensor:
     impl = dispatch.get(backend)
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     flat = [t.reshape(-1) if t is not None and t.numel() else t
             for t in (labels, lse, entropy, grad_logp.float().contiguous(),
                       None if grad_entropy is None else grad_entropy.float().contiguous())]
     labels_f, lse_f, ent_f, glp_f, gent_f = flat
+    blocks = _row_blocks(logits)
+    if len(blocks) == 1:  # one [N, V] view: the backend's fresh gradient is the result (no copy)
+        g = impl.logprobs_backward(blocks[0], labels_f, lse_f, ent_f, glp_f, gent_f, temperature, False)
+        return g.reshape(logits.shape)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad.view(-1, logits.shape[-1])
     start = 0
-    for block in _row_blocks(logits):
+    for block in blocks:
         stop = start + block.shape[0]
         sl = slice(start, stop)
         ent_b = ent_f[sl] if ent_f is not None and ent_f.numel() else ent_f

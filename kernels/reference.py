@@ -52,8 +52,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, *, gamma: f
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1)
+    """Mean over the masked positions; values at masked-out positions (even inf/NaN) are ignored."""
+    weight = mask.to(x.dtype)
+    return torch.where(mask.bool(), x * weight, 0.0).sum() / weight.sum().clamp_min(1)
 
 
 def masked_whiten(x: Tensor, mask: Tensor | None, *, shift_mean: bool = True, eps: float = 1e-8):

@@ -3,6 +3,7 @@ memory-bound and deterministic here, so every backend shares this one)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import _validate, reference
@@ -14,4 +15,7 @@ def masked_whiten(x: Tensor, mask: Tensor | None, *, shift_mean: bool = True, ep
     _validate.floating("x", x)
     _validate.same_shape("mask", mask, "x", x.shape)
     _validate.same_device(x=x, mask=mask)
-    return reference.masked_whiten(x, None if mask is None else mask.bool(), shift_mean=shift_mean, eps=eps)
+    # fp16 cannot hold eps (1e-8 rounds to 0, so a zero variance gives inf * 0 = NaN): work in fp32
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    out = reference.masked_whiten(xf, None if mask is None else mask.bool(), shift_mean=shift_mean, eps=eps)
+    return out.to(x.dtype)

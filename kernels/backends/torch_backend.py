@@ -28,13 +28,22 @@ def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float, with_en
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
     for s, e in _row_chunks(n, v):
-        z = logits[s:e].float() / temperature
-        lse_c = torch.logsumexp(z, dim=-1)
-        lse[s:e] = lse_c
-        logp[s:e] = z.gather(-1, labels[s:e, None]).squeeze(-1) - lse_c
+        # at most two float32 [chunk, V] temporaries, updated in place
+        z = logits[s:e].to(torch.float32, copy=True)
+        if temperature != 1.0:
+            z.div_(temperature)
+        m = z.amax(-1, keepdim=True)
+        z.sub_(m)  # shifted logits z - max
+        picked = z.gather(-1, labels[s:e, None]).squeeze(-1)
+        p = torch.exp(z) if with_entropy else z.exp_()
+        sum_exp = p.sum(-1)
+        log_sum = torch.log(sum_exp)
+        lse[s:e] = log_sum + m.squeeze(-1)
+        logp[s:e] = picked - log_sum
         if with_entropy:
-            p = torch.exp(z - lse_c[:, None])
-            entropy[s:e] = lse_c - (p * z).sum(-1)
+            # H = log S - sum(e^z' z') / S with z' the shifted logits
+            entropy[s:e] = log_sum - z.mul_(p).sum(-1) / sum_exp
+        del z, p
     return logp, lse, entropy
 
 
@@ -43,15 +52,23 @@ def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tem
     n, v = logits.shape
     out = logits if inplace else torch.empty_like(logits)
     for s, e in _row_chunks(n, v):
-        z = logits[s:e].float() / temperature
-        log_p = z - lse[s:e, None]
-        p = torch.exp(log_p)
+        log_p = logits[s:e].to(torch.float32, copy=True)
+        if temperature != 1.0:
+            log_p.div_(temperature)
+        log_p.sub_(lse[s:e, None])
         # d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
-        g = -p * grad_logp[s:e, None]
+        if grad_entropy is None:
+            g = log_p.exp_().mul_(-grad_logp[s:e, None])
+        else:
+            p = torch.exp(log_p)
+            coef = log_p.add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None]).add_(grad_logp[s:e, None])
+            g = p.mul_(coef).neg_()
+            del coef
         g.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None])
-        if grad_entropy is not None:
-            g -= p * (log_p + entropy[s:e, None]) * grad_entropy[s:e, None]
-        out[s:e] = g / temperature
+        if temperature != 1.0:
+            g.div_(temperature)
+        out[s:e] = g
+        del g, log_p
     return out
 
 
@@ -78,6 +95,7 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
     below autograd, so the gradient is stated, not traced)."""
     n = mask.sum()
     inv = 1.0 / n.clamp_min(1.0)
+    valid = mask != 0  # select, never multiply: padding may hold inf/NaN garbage
     zero = torch.zeros_like(logp)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
@@ -121,11 +139,11 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
             d_vf = torch.where(use_unclipped, err, err_c * inside)
         vf = 0.5 * vf
         total = total + value_coef * vf
-        g_val = value_coef * d_vf * mask * inv
+        g_val = torch.where(valid, value_coef * d_vf * mask, 0.0) * inv
     approx_kl = ratio - 1 - log_ratio
     clip_ind = (clipped > unclipped).to(logp.dtype)
     terms = torch.stack([total, pg, vf, kl, ent, clip_ind, approx_kl])
-    stat_vec = (terms * mask).sum(-1) * inv
-    g_logp = g_logp * mask * inv
+    stat_vec = torch.where(valid, terms * mask, 0.0).sum(-1) * inv
+    g_logp = torch.where(valid, g_logp * mask, 0.0) * inv
     g_ent = -entropy_coef * mask * inv if entropy is not None else logp.new_empty(0)
     return stat_vec[0].clone(), stat_vec, g_logp, g_ent, g_val

@@ -1,0 +1,106 @@
+"""linear_logprobs: the fused LM head, log p(label) from hidden states and the [V, H]
+output-embedding matrix without the [N, V] logits.
+
+rlfuse (``K.linear_logprobs``) against
+  * matmul_log_softmax_gather - ``(hidden @ W.T).log_softmax(-1).gather(...)``, what
+                                ``model(...).logits`` + log-prob extraction costs;
+  * chunked_torch_verl        - verl's fused-linear-for-PPO recipe in PyTorch: token chunks
+                                under no_grad, recompute + autograd per chunk in backward;
+  * trl_chunked_logprob (peer) - ``trl.kernels.ChunkedLogProbFunction`` with TRL's own
+                                vocabulary tile (Triton on GPU, TRL's torch fallback on CPU);
+  * liger_flce (peer, CUDA)    - Liger-Kernel's fused linear cross-entropy, reduction="none".
+
+fwd is the scoring path (no_grad); fwd+bwd back-propagates sum(logp) into hidden and W.
+"""
+
+from __future__ import annotations
+
+from . import baselines as B
+from .harness import OpBench, Target, random_normal
+
+
+def _dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class LinearLogprobsBench(OpBench):
+    op = "linear_logprobs"
+    title = "linear_logprobs (hidden, W -> log p(label), fused LM head)"
+    baselines = ("matmul_log_softmax_gather", "chunked_torch_verl")
+    peers = ("trl_chunked_logprob", "liger_flce")
+    x_key = "N"
+    x_label = "tokens N (x hidden H x vocab V)"
+    descriptions = {
+        "rlfuse": "rlfuse.kernels.linear_logprobs",
+        "matmul_log_softmax_gather": "(hidden @ W.T).log_softmax(-1).gather(-1, labels)",
+        "chunked_torch_verl": "verl-style chunked LM head: no_grad chunks forward, recompute per chunk in backward",
+        "trl_chunked_logprob": "trl.kernels.ChunkedLogProbFunction (TRL's vocab tile; Triton on GPU)",
+        "liger_flce": "Liger-Kernel LigerFusedLinearCrossEntropyFunction, reduction='none' (CUDA only)",
+    }
+    sizes_by_preset = {
+        "target": [dict(N=4096, H=64, V=32768, dtype="float32")],
+        "quick": [dict(N=512, H=64, V=32768, dtype="float32"), dict(N=1024, H=128, V=32768, dtype="float32")],
+        "full": [dict(N=1024, H=64, V=32768, dtype="float32"), dict(N=4096, H=64, V=32768, dtype="float32"),
+                 dict(N=4096, H=256, V=32768, dtype="float32"), dict(N=2048, H=64, V=131072, dtype="float32")],
+        "gpu": [dict(N=4096, H=4096, V=128256, dtype="bfloat16"), dict(N=16384, H=4096, V=128256, dtype="bfloat16")],
+    }
+    _target = dict(N=4096, H=64, V=32768, dtype="float32")
+    _gpu_target = dict(N=16384, H=4096, V=128256, dtype="bfloat16")
+    targets = (
+        Target("linear_logprobs", _target, "fwd+bwd", "matmul_log_softmax_gather", "memory_fraction", 0.1,
+               "linear_logprobs fwd+bwd peak extra memory <= 1/10 of matmul+log_softmax+gather (N=4096, H=64, V=32768)"),
+        Target("linear_logprobs", _target, "fwd+bwd", "matmul_log_softmax_gather", "time_within", 1.3,
+               "linear_logprobs fwd+bwd time within 1.3x of matmul+log_softmax+gather"),
+        Target("linear_logprobs", _gpu_target, "fwd+bwd", "matmul_log_softmax_gather", "memory_fraction", 0.1,
+               "GPU: linear_logprobs bf16 fwd+bwd peak extra <= 1/10 of unfused (N=16384, H=4096, V=128256)",
+               device="cuda"),
+        Target("linear_logprobs", _gpu_target, "fwd+bwd", "liger_flce", "speedup", 1.0,
+               "GPU: linear_logprobs bf16 fwd+bwd vs Liger FLCE (Liger's published SM90 figure: 104.8 ms)",
+               device="cuda"),
+    )
+
+    def unavailable(self, impl, device):
+        if impl == "trl_chunked_logprob":
+            return B.trl_chunked_logprob()[1]
+        if impl == "liger_flce":
+            if device.type != "cuda":
+                return B.LIGER_CPU_REASON
+            return B.liger_flce()[1]
+        return None
+
+    def setup(self, size, device):
+        import torch
+        n, h, v = int(size["N"]), int(size["H"]), int(size["V"])
+        dt = _dtype(size["dtype"])
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        hidden = random_normal((n, h), device, dt, seed=1).requires_grad_(True)
+        weight = random_normal((v, h), device, dt, seed=2, scale=(1.0 / h) ** 0.5).requires_grad_(True)
+        labels = torch.randint(0, v, (n,), generator=gen).to(device)
+        return {"hidden": hidden, "weight": weight, "labels": labels}
+
+    def forward(self, impl, inp, state):
+        h, w, y = inp["hidden"], inp["weight"], inp["labels"]
+        if impl.startswith("rlfuse"):
+            import rlfuse.kernels as K
+            return K.linear_logprobs(h, w, y)
+        if impl == "matmul_log_softmax_gather":
+            return B.linear_log_softmax_gather(h, w, y)
+        if impl == "chunked_torch_verl":
+            return B.chunked_linear_logprobs(h, w, y)
+        if impl == "trl_chunked_logprob":
+            return B.trl_linear_logprobs(h, w, y)
+        if impl == "liger_flce":
+            return B.liger_linear_logprobs(h, w, y)
+        raise KeyError(impl)
+
+    def grad_targets(self, inp):
+        return [inp["hidden"], inp["weight"]]
+
+
+BENCH = LinearLogprobsBench()
+
+
+def test_linear_logprobs(benchmark, bench_case):
+    from .harness import run_benchmark
+    run_benchmark(benchmark, bench_case)

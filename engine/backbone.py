@@ -1,0 +1,338 @@
+"""ONE frozen base model serving every RLHF role through LoRA adapters.
+
+    role       adapter                         head                          trained
+    policy     "policy"                        LM head -> fused log-probs    yes
+    value      (same forward as the policy)    value head                    yes
+    reference  "sft" (or the bare base)        LM head -> fused log-probs    no
+    reward     "reward"                        reward head on last token     no (in PPO)
+
+Hidden states are taken from the decoder (the model without its LM head), and the LM
+head is only ever applied through ``K.linear_logprobs``, which never materialises the
+[tokens, vocab] logits. ``model(...).logits`` is never used for training or scoring;
+``generate`` is the one place the ordinary LM head runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import rlfuse.kernels as K
+
+from .config import ModelConfig, resolve_device
+from .heads import ScalarHead, gather_last
+
+DEFAULT_CHAT_TEMPLATE = (  # for base models whose tokenizer has none
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row scores like an unpadded one
+    (the same rule HF ``generate`` uses)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _adapter_key_pattern(name: str) -> str:
+    """Parameter names of one peft LoRA adapter, e.g. ``...q_proj.lora_A.policy.weight``."""
+    return rf"\.lora_[A-Za-z_]+\.{re.escape(name)}(\.|$)"
+
+
+class Backbone:
+    """A peft-wrapped causal LM plus its scalar heads. Build with :func:`load_backbone`."""
+
+    def __init__(self, model, tokenizer, device: str, lora_config, hidden_size: int, quantized: bool):
+        self.model = model  # peft.PeftModel
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.lora_config = lora_config
+        self.quantized = quantized
+        self.base = model.get_base_model()  # the CausalLM, LoRA layers injected
+        self.decoder = self.base.get_decoder()  # the CausalLM without its LM head
+        self.lm_head = self.base.get_output_embeddings()
+        self.value_head = ScalarHead(hidden_size).to(self.device)
+        self.reward_head = ScalarHead(hidden_size).to(self.device)
+        self.reference_adapter: str | None = None  # None: the bare base model
+        self._trainable: set[str] = set()
+        self._params: dict[str, list[nn.Parameter]] = {}  # adapter name -> its LoRA parameters
+
+    # ----------------------------------------------------------------- adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.peft_config)
+
+    def add_adapter(self, name: str) -> None:
+        if name not in self.model.peft_config:
+            self.model.add_adapter(name, self.lora_config)
+            self._apply_trainable()
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        if name not in self._params:
+            pattern = re.compile(_adapter_key_pattern(name))
+            self._params[name] = [p for n, p in self.model.named_parameters() if pattern.search(n)]
+        return list(self._params[name])
+
+    def set_trainable(self, names) -> None:
+        """Only these adapters get gradients; the base and every other adapter stay frozen."""
+        self._trainable = set(names)
+        self._apply_trainable()
+
+    def _apply_trainable(self) -> None:
+        for name in self.adapters:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in self._trainable)
+
+    @contextlib.contextmanager
+    def use(self, adapter: str | None):
+        """Run the backbone as one role: ``adapter=None`` means the bare base model."""
+        previous = self.model.active_adapter
+        if adapter is None:
+            with self.model.disable_adapter():
+                yield self
+            return
+        if adapter not in self.model.peft_config:
+            raise KeyError(f"adapter {adapter!r} not loaded (have {self.adapters})")
+        self.model.set_adapter(adapter)
+        self._apply_trainable()  # peft's set_adapter flips requires_grad; restore ours
+        try:
+            yield self
+        finally:
+            self.model.set_adapter(previous)
+            self._apply_trainable()
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        self.add_adapter(name)
+        hint = "(was it trained on another base model, or with another lora_r / lora_target_modules?)"
+        try:
+            result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        except RuntimeError as exc:  # shape mismatch
+            raise ValueError(f"adapter checkpoint does not fit adapter {name!r} {hint}: {exc}") from None
+        missing = [k for k in result.missing_keys if re.search(_adapter_key_pattern(name), k)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"adapter checkpoint does not fit adapter {name!r} {hint}: missing {missing[:3]}, "
+                             f"unexpected {list(result.unexpected_keys)[:3]}")
+
+    def copy_adapter(self, src: str, dst: str) -> None:
+        self.load_adapter_state_dict(dst, self.adapter_state_dict(src))
+
+    def adapter_config_dict(self) -> dict:
+        d = self.lora_config.to_dict()
+        d["base_model_name_or_path"] = getattr(self.base.config, "_name_or_path", None)
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in d.items()}
+
+    # ----------------------------------------------------------------- forwards
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        self.value_head.train(mode)
+        self.reward_head.train(mode)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, H] of the active adapter, without the LM head."""
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                       entropy: bool = False):
+        """log p(labels | hidden) through the fused LM head (never a [N, V] logits tensor)."""
+        bias = getattr(self.lm_head, "bias", None)
+        return K.linear_logprobs(hidden, self.lm_head.weight, labels, bias=bias,
+                                 temperature=temperature, return_entropy=entropy)
+
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward-head score of each row's last real token, with the ``reward`` adapter active."""
+        with self.use("reward"):
+            hidden = self.hidden_states(input_ids, attention_mask)
+        return self.reward_head(gather_last(hidden, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 temperature: float = 1.0, adapter: str | None = "policy") -> torch.Tensor:
+        """Sample with the KV cache from the pure softmax(logits / T) (no top-k/top-p), so the
+        log-probs PPO recomputes are those of the distribution that was sampled."""
+        if temperature <= 0:
+            raise ValueError("PPO sampling needs temperature > 0")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.use(adapter):
+                return self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                    temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_ids(),
+                    use_cache=True)
+        finally:
+            self.model.train(was_training)
+
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(self.base.generation_config, "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        return sorted(i for i in ids if i is not None)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"model.dtype: unknown dtype {name!r} (use auto, float32, bfloat16 or float16)") from None
+
+
+def _attn_implementation(name: str, device: str, dtype: torch.dtype) -> str:
+    if name != "auto":
+        return name
+    if device.startswith("cuda") and dtype in (torch.bfloat16, torch.float16):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def _quantization_config(kind: str, dtype: torch.dtype):
+    if kind == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"model.quantization: unknown value {kind!r} (use auto, 4bit, 8bit or none)")
+
+
+def _locate(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(directory, gguf file name or None) for a local model, or a clear FileNotFoundError."""
+    path = Path(cfg.name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        return str(path.parent), path.name
+    if not path.is_dir():
+        raise FileNotFoundError(f"model not found: {cfg.name_or_path} (expected a preset ('tiny', 'tiny-small'), "
+                                "a local model directory with config.json, or a .gguf file)")
+    if cfg.gguf_file:
+        if not (path / cfg.gguf_file).is_file():
+            raise FileNotFoundError(f"model file not found: {path / cfg.gguf_file}")
+        return str(path), cfg.gguf_file
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0].name
+        raise FileNotFoundError(f"model not found: {path} has no config.json"
+                                + (f" (several .gguf files; set model.gguf_file)" if ggufs else ""))
+    return str(path), None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer (with a pad token and a chat template), without loading weights,
+    so data problems surface before a long model load."""
+    from . import tiny
+
+    if cfg.name_or_path in tiny.PRESETS:
+        tokenizer = tiny.build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        directory, gguf = _locate(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # batching needs a pad token; padded positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _load_base_model(cfg: ModelConfig, tokenizer, device: str, dtype: torch.dtype, qconfig, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    from . import tiny
+
+    if cfg.name_or_path in tiny.PRESETS:
+        model = tiny.build_model(tokenizer, cfg.name_or_path)
+        if qconfig is None:
+            model = model.to(device=device, dtype=dtype)
+            if model.config._attn_implementation != attn:
+                model.set_attn_implementation(attn)
+            return model
+        with tempfile.TemporaryDirectory(prefix="rlfuse-tiny-") as directory:  # bnb quantizes while loading
+            model.save_pretrained(directory)
+            return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn,
+                                                        quantization_config=qconfig, device_map={"": device})
+    directory, gguf = _locate(cfg)
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    if gguf:
+        kwargs["gguf_file"] = gguf  # transformers dequantizes GGUF weights to `dtype`
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    return model if qconfig is not None else model.to(device)
+
+
+def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=("policy",), tokenizer=None) -> Backbone:
+    """Load (or build, for a ``tiny`` preset) the base model, then wrap it with LoRA adapters
+    named ``adapters`` (all of the same LoRA shape)."""
+    from peft import LoraConfig, get_peft_model
+
+    from . import tiny
+
+    adapters = list(adapters)
+    if not adapters:
+        raise ValueError("load_backbone needs at least one adapter name")
+    device = resolve_device(device)
+    dtype = _resolve_dtype(cfg.dtype, device)
+    quant = cfg.quantization
+    if quant == "auto":  # 4-bit pays off for real models on a GPU; bnb's CPU path is slow
+        quant = "4bit" if device.startswith("cuda") and cfg.name_or_path not in tiny.PRESETS else "none"
+    qconfig = _quantization_config(quant, dtype)
+    attn = _attn_implementation(cfg.attn_implementation, device, dtype)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    model = _load_base_model(cfg, tokenizer, device, dtype, qconfig, attn)
+
+    # Frozen base. We skip peft's prepare_model_for_kbit_training: it upcasts every bf16 weight
+    # left (embeddings, LM head, norms) to fp32, doubling the largest unquantized tensors.
+    model.requires_grad_(False)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and LoRA
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forwards; generate() turns the cache on itself
+
+    targets = cfg.lora_target_modules
+    lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+                             bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapters[0])
+    hidden_size = model.config.get_text_config().hidden_size
+    backbone = Backbone(peft_model, tokenizer, device, lora_config, hidden_size, quantized=qconfig is not None)
+    for name in adapters[1:]:
+        backbone.add_adapter(name)
+    backbone.set_trainable([])
+    return backbone

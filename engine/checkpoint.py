@@ -1,0 +1,142 @@
+"""Checkpoints that survive a kill at any instant.
+
+Every file is written to a temporary file in the same directory and moved into place
+with ``os.replace`` (atomic on POSIX), so a reader sees either the old file or the new
+one, never half of one. A checkpoint is a folder ``<stage_dir>/ckpt-<step>``; the text
+file ``<stage_dir>/latest`` names the newest complete one and is written last, so a
+kill while a checkpoint folder is being filled leaves ``latest`` on the previous one.
+
+Layout of one checkpoint folder:
+    adapter_model.safetensors + adapter_config.json   the trained LoRA adapter (peft format)
+    heads.safetensors                                  value / reward head weights, if any
+    trainer_state.pt                                   step, optimizer, RNG, stage extras
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+LATEST = "latest"
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Run ``write(tmp_path)`` then move tmp over ``path``; on any failure leave no tmp behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:  # flush to disk before the rename makes it visible
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    # safetensors wants contiguous tensors that own their storage
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_torch_atomic(obj: Any, path) -> Path:
+    return _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json_atomic(path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def load_safetensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(stage_dir) -> Path | None:
+    """The newest complete checkpoint folder of a stage, or None."""
+    pointer = Path(stage_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    ckpt = Path(stage_dir) / pointer.read_text().strip()
+    return ckpt if (ckpt / "trainer_state.pt").is_file() else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """Accept a stage folder (follow ``latest``) or a checkpoint folder."""
+    p = Path(path)
+    if (p / "adapter_model.safetensors").is_file():
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint found at {p} (expected a stage folder with a '{LATEST}' file "
+                                "or a folder holding adapter_model.safetensors)")
+    return ckpt
+
+
+def save_checkpoint(stage_dir, step: int, *, adapter: dict[str, torch.Tensor], adapter_config: dict,
+                    heads: dict[str, torch.Tensor] | None, trainer_state: dict, keep: int = 2) -> Path:
+    stage_dir = Path(stage_dir)
+    ckpt = stage_dir / f"ckpt-{step:07d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(adapter, ckpt / "adapter_model.safetensors", metadata={"format": "pt", "step": str(step)})
+    write_json_atomic(ckpt / "adapter_config.json", adapter_config)
+    if heads:
+        save_safetensors_atomic(heads, ckpt / "heads.safetensors", metadata={"step": str(step)})
+    save_torch_atomic(trainer_state, ckpt / "trainer_state.pt")
+    write_text_atomic(stage_dir / LATEST, ckpt.name)  # the commit point
+    _prune(stage_dir, keep=max(1, keep), current=ckpt.name)
+    return ckpt
+
+
+def _prune(stage_dir: Path, keep: int, current: str) -> None:
+    ckpts = sorted(p for p in stage_dir.glob("ckpt-*") if p.is_dir())
+    for old in ckpts[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(ckpt) -> dict:
+    # our own file: it holds optimizer state and Python RNG tuples, so not weights_only
+    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def load_heads(ckpt) -> dict[str, torch.Tensor]:
+    p = Path(ckpt) / "heads.safetensors"
+    return load_safetensors(p) if p.is_file() else {}

@@ -1,0 +1,189 @@
+"""``rlfuse`` command line.
+
+    rlfuse sft      --data sft.jsonl         [common options]
+    rlfuse rm       --data prefs.jsonl       [--ratings ratings.jsonl]
+    rlfuse ppo      --prompts prompts.jsonl  [--reward-fn module:function] [--advantage gae|grpo|rloo]
+    rlfuse pipeline --sft-data A --rm-data B [--prompts C] [--reward-fn module:function]
+    rlfuse plot     RUN_DIR [--out DIR]
+    rlfuse memory   [--model tiny-small] [--batch-size 4] [--seq-len 128]
+    rlfuse demo ... / rlfuse bench ...       (forwarded to their own modules)
+
+Common options: --config FILE|PRESET, --set key=value (repeatable), --run-dir, --model,
+--device, --seed, --max-steps, --resume, --no-progress. Precedence: defaults < config
+file (or, with --resume, the run's saved config.yaml) < typed flags < --set.
+
+This module imports nothing heavy at import time; torch/transformers load per command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TRAIN_VERBS = ("sft", "rm", "ppo", "pipeline")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file or bundled preset name (e.g. tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set ppo.kl_coef=0.02 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (config, metrics, checkpoints, samples, summary)")
+    p.add_argument("--model", help="'tiny', a local HF model directory, or a .gguf file")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (PPO: iterations) for this stage")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlfuse", description="Single-GPU RLHF on one shared LoRA backbone.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of the sft adapter")
+    _common(p)
+    p.add_argument("--data", help="JSONL of {prompt, response} or {messages}")
+
+    p = sub.add_parser("rm", help="train the reward adapter + reward head")
+    _common(p)
+    p.add_argument("--data", help="JSONL of {prompt, chosen, rejected} (rating lines allowed)")
+    p.add_argument("--ratings", help="JSONL of {prompt, response, score}")
+
+    for name, help_ in (("ppo", "PPO / GRPO / RLOO against a reward model or reward function"),
+                        ("pipeline", "sft -> rm -> ppo in one run directory")):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("--prompts", help="JSONL of {prompt} or {messages}")
+        p.add_argument("--reward-fn", help="Python reward: module:function or file.py:function")
+        p.add_argument("--advantage", choices=["gae", "grpo", "rloo"])
+        p.add_argument("--n-samples", type=int, help="completions per prompt (grpo/rloo need >= 2)")
+        if name == "pipeline":
+            p.add_argument("--sft-data", help="SFT JSONL")
+            p.add_argument("--rm-data", help="preference JSONL")
+
+    p = sub.add_parser("plot", help="draw training curves of a run to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output folder (default RUN_DIR/plots)")
+
+    p = sub.add_parser("memory", help="peak memory of one PPO step: shared backbone vs four models")
+    p.add_argument("--model", default="tiny-small")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+
+    sub.add_parser("demo", help="run the demo (see rlfuse.engine.demo)", add_help=False)
+    sub.add_parser("bench", help="run the kernel benchmarks (see rlfuse.benchmarks)", add_help=False)
+    return parser
+
+
+def _typed_overrides(args) -> dict:
+    """Typed flags -> dotted config keys for this verb."""
+    verb = args.command
+    section = {"sft": "sft", "rm": "rm", "ppo": "ppo", "pipeline": "ppo"}[verb]
+    pairs = {
+        "run_dir": args.run_dir, "model.name_or_path": args.model, "device": args.device, "seed": args.seed,
+        f"{section}.max_steps": args.max_steps,
+    }
+    if verb in ("sft", "rm"):
+        pairs[f"{verb}.data"] = args.data
+    if verb == "rm":
+        pairs["rm.ratings"] = args.ratings
+    if verb in ("ppo", "pipeline"):
+        pairs.update({"ppo.prompts": args.prompts, "ppo.reward_fn": args.reward_fn,
+                      "ppo.advantage": args.advantage, "ppo.n_samples": args.n_samples})
+    if verb == "pipeline":
+        pairs.update({"sft.data": args.sft_data, "rm.data": args.rm_data})
+    if args.resume:
+        pairs["resume"] = True
+    if args.no_progress:
+        pairs["progress"] = False
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def make_config(args):
+    from pathlib import Path
+
+    from .config import apply_overrides, load_config
+
+    typed = _typed_overrides(args)
+    cfg = load_config(args.config)
+    apply_overrides(cfg, typed)
+    apply_overrides(cfg, args.overrides)
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if args.resume and args.config is None and saved.is_file():  # continue with the run's own config
+        cfg = load_config(saved)
+        apply_overrides(cfg, typed)
+        apply_overrides(cfg, args.overrides)
+    return cfg
+
+
+def _run_train(args) -> int:
+    cfg = make_config(args)
+    if args.command == "sft":
+        from .sft import train_sft as run
+        result = run(cfg)
+    elif args.command == "rm":
+        from .reward import train_reward as run
+        result = run(cfg)
+    elif args.command == "ppo":
+        from .ppo import train_ppo as run
+        result = run(cfg)
+    else:
+        from .pipeline import run_pipeline as run
+        result = run(cfg)
+    import json
+
+    print(json.dumps(result, indent=2, default=str))
+    print(f"[rlfuse] run directory: {cfg.run_dir}")
+    return 0
+
+
+def _dispatch(module: str, argv: list[str], what: str) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):  # the module itself is missing, not a dependency
+            raise ValueError(f"'rlfuse {what}' is not available: {module} is not installed in this build") from None
+        raise
+    result = mod.main(argv)
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # demo/bench parse their own arguments
+        if argv and argv[0] == "demo":
+            return _dispatch("rlfuse.engine.demo", argv[1:], "demo")
+        if argv and argv[0] == "bench":
+            return _dispatch("rlfuse.benchmarks.runner", argv[1:], "bench")
+        args = build_parser().parse_args(argv)
+        if args.command in TRAIN_VERBS:
+            return _run_train(args)
+        if args.command == "plot":
+            from .plot import plot_run
+
+            for path in plot_run(args.run_dir, args.out):
+                print(path)
+            return 0
+        if args.command == "memory":
+            import json
+
+            from .memory import compare_memory
+
+            print(json.dumps(compare_memory(model=args.model, device=args.device, batch_size=args.batch_size,
+                                            seq_len=args.seq_len), indent=2))
+            return 0
+        return 2
+    except (ValueError, FileNotFoundError) as exc:  # user errors: message, no traceback
+        if os.environ.get("RLFUSE_DEBUG"):
+            raise
+        print(f"rlfuse: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Run configuration: plain dataclasses, loadable from YAML, overridable from the CLI.
+
+One ``RunConfig`` describes a whole run directory; each stage reads its own section
+(``sft``, ``rm``, ``ppo``) plus the shared ``model`` section. Keys are addressed with
+dots on the command line: ``--set ppo.kl_coef=0.02``. An unknown key is an error that
+names the key, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # "tiny" preset, a local HF model directory, or a .gguf file
+    gguf_file: str | None = None  # file name inside name_or_path when it is a directory
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    quantization: str = "auto"  # auto (4-bit on CUDA, none on CPU) | 4bit | 8bit | none
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0  # dropout makes PPO ratios noisy; off by default
+    lora_target_modules: str = "all-linear"  # or a comma list, e.g. "q_proj,v_proj"
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa)
+    optimizer: str = "auto"  # auto (paged 8-bit AdamW on CUDA, AdamW on CPU) | adamw | paged_adamw_8bit
+    trust_remote_code: bool = False
+
+
+@dataclass
+class SFTConfig:
+    data: str | None = None  # JSONL of {"prompt","response"} or {"messages":[...]}
+    epochs: int = 1
+    max_steps: int | None = None  # None: epochs * batches per epoch
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+
+
+@dataclass
+class RMConfig:
+    data: str | None = None  # JSONL of {"prompt","chosen","rejected"} (and/or rating lines)
+    ratings: str | None = None  # optional JSONL of {"prompt","response","score"}
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    eval_fraction: float = 0.1  # held-out share of the pairs for pairwise accuracy
+    regression_coef: float = 1.0  # weight of the MSE term on rated responses
+
+
+@dataclass
+class PPOConfig:
+    prompts: str | None = None  # JSONL of {"prompt"} or {"messages"}; pipeline falls back to sft.data
+    reward_fn: str | None = None  # "module:function" or "path/file.py:function"
+    sft_checkpoint: str | None = None  # default: <run_dir>/sft when it exists
+    reward_checkpoint: str | None = None  # default: <run_dir>/rm when it exists
+    max_steps: int = 20  # PPO iterations (rollout + update)
+    batch_size: int = 8  # prompts per iteration
+    n_samples: int = 1  # completions per prompt (grpo/rloo need >= 2)
+    advantage: str = "gae"  # gae | grpo | rloo
+    max_prompt_length: int = 256
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    ppo_epochs: int = 2
+    minibatch_size: int = 8  # sequences per gradient step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    value_clip: float = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True  # gae only; group estimators are already normalised
+    kl_coef: float = 0.05
+    kl_in_loss: bool = False  # False: k1 penalty in the per-token reward; True: KL term in the loss
+    kl_estimator: str = "k3"  # estimator of the in-loss KL term: k1 | k2 | k3
+    adaptive_kl: bool = False  # Ziegler et al. 2019 controller towards target_kl
+    target_kl: float = 6.0  # per-sequence KL (nats) the adaptive controller aims for
+    kl_horizon: int = 10000
+    score_batch_size: int = 32  # rows per no-grad scoring forward
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/rlfuse"
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    resume: bool = False
+    save_every: int = 50  # checkpoint every N steps (and always at the end)
+    keep_checkpoints: int = 2
+    sample_every: int = 10  # write generations to samples.jsonl every N PPO steps
+    progress: bool = True  # tqdm bars
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Turn a YAML/CLI value into the field's declared type, or raise naming the key."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, (list, tuple)):  # e.g. lora_target_modules: [q_proj, v_proj]
+            return ",".join(map(str, value))
+    type_name = getattr(tp, "__name__", str(tp))
+    raise ValueError(f"config key '{key}': expected {type_name}, got {value!r}")
+
+
+def _set(cfg, dotted: str, value: Any) -> None:
+    """Set ``a.b`` on nested dataclasses, with a clear error for unknown keys."""
+    obj, parts = cfg, dotted.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ValueError(f"unknown config key '{dotted}' (valid keys at {where}: {', '.join(names)})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ValueError(f"config key '{dotted}' is a section; set one of its keys, e.g. '{dotted}.{names[0]}'")
+            setattr(obj, part, _coerce(dotted, value, _field_types(type(obj))[part]))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ValueError(f"unknown config key '{dotted}' ('{'.'.join(parts[:i + 1])}' is not a section)")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def resolve_config_path(path: str) -> Path:
+    """A YAML path, or the name of a bundled preset (``engine/presets/<name>.yaml``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    preset = PRESET_DIR / f"{path}.yaml"
+    if preset.is_file():
+        return preset
+    presets = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config file not found: {path} (bundled presets: {', '.join(presets) or 'none'})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Defaults <- YAML file (or preset name) <- overrides (``["ppo.lr=1e-5", ...]`` or a dict)."""
+    import yaml
+
+    cfg = RunConfig()
+    if path is not None:
+        p = resolve_config_path(str(path))
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{p}: invalid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a mapping of config keys at the top level")
+        for key, value in _flatten(data).items():
+            _set(cfg, key, value)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> RunConfig:
+    import yaml
+
+    if not overrides:
+        return cfg
+    if isinstance(overrides, dict):
+        items = list(_flatten(overrides).items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value, e.g. ppo.lr=1e-5")
+            key, raw = item.split("=", 1)
+            try:  # YAML typing: 1e-5 -> float, true -> bool, null -> None
+                value = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                value = raw
+            items.append((key.strip(), value))
+    for key, value in items:
+        _set(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    import yaml
+
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

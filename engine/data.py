@@ -1,0 +1,228 @@
+"""JSONL datasets -> token ids, through the tokenizer's own chat template.
+
+Accepted lines:
+    SFT      {"prompt": str, "response": str}   or   {"messages": [{"role", "content"}, ...]}
+    RM       {"prompt": str, "chosen": str, "rejected": str}
+             {"prompt": str, "response": str, "score": number}        (a rating)
+    prompts  {"prompt": str}   or   {"messages": [...]}   (a trailing assistant turn is dropped)
+
+Every error names the file and line. Text is rendered with ``apply_chat_template`` and
+each piece tokenized separately, so we know exactly which tokens belong to the
+assistant (the only ones SFT puts loss on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_jsonl(path) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line; clear errors for the rest."""
+    if path is None:
+        raise ValueError("no dataset given (set the stage's data path, e.g. --data train.jsonl)")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"dataset not found: {p}")
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            rows.append((lineno, record))
+    if not rows:
+        raise ValueError(f"{p}: dataset is empty")
+    return rows
+
+
+def _where(path, lineno) -> str:
+    return f"{path}:{lineno}"
+
+
+def _text(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(record: dict, where: str) -> list[dict]:
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for m in msgs:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: each message needs string 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+# --------------------------------------------------------------------------- chat rendering
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # the template already wrote any BOS/EOS it wants
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a whole chat and a 0/1 mask that is 1 on assistant tokens (incl. end-of-turn)."""
+    ids, mask, done = [], [], ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise ValueError("the tokenizer's chat template is not prefix-consistent; cannot find assistant tokens")
+        context, answer = _encode(tokenizer, prefix[len(done):]), _encode(tokenizer, full[len(prefix):])
+        ids += context + answer
+        mask += [0] * len(context) + [1] * len(answer)
+        done = full
+    return ids, mask
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    return _encode(tokenizer, _render(tokenizer, messages, add_generation_prompt=True))
+
+
+# --------------------------------------------------------------------------- datasets
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    loss_mask: list[int]
+
+
+def load_sft_dataset(path, tokenizer, max_length: int) -> list[SFTExample]:
+    examples = []
+    for lineno, rec in read_jsonl(path):
+        where = _where(path, lineno)
+        if "messages" in rec:
+            msgs = _messages(rec, where)
+        elif "prompt" in rec and "response" in rec:
+            msgs = [{"role": "user", "content": _text(rec, "prompt", where)},
+                    {"role": "assistant", "content": _text(rec, "response", where)}]
+        else:
+            raise ValueError(f"{where}: expected {{'prompt', 'response'}} or {{'messages'}}, got keys {sorted(rec)}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError(f"{where}: no assistant message to train on")
+        ids, mask = encode_conversation(tokenizer, msgs)
+        ids, mask = ids[:max_length], mask[:max_length]  # keep the start: the prompt conditions the answer
+        if sum(mask[1:]) > 0:  # the first token is never predicted
+            examples.append(SFTExample(ids, mask))
+    if not examples:
+        raise ValueError(f"{path}: no example has response tokens within max_length={max_length}")
+    return examples
+
+
+@dataclass
+class PreferencePair:
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class Rating:
+    input_ids: list[int]
+    score: float
+
+
+def _chat_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+    ids, _ = encode_conversation(tokenizer, [{"role": "user", "content": prompt},
+                                             {"role": "assistant", "content": response}])
+    return ids[-max_length:]  # keep the end: the reward is read at the last token
+
+
+def load_reward_dataset(path, tokenizer, max_length: int, *, allow_empty: bool = False):
+    """Pairs and ratings from one JSONL file (lines of either kind may be mixed)."""
+    pairs, ratings = [], []
+    if path is None:
+        return pairs, ratings
+    for lineno, rec in read_jsonl(path):
+        where = _where(path, lineno)
+        if "chosen" in rec and "rejected" in rec:
+            prompt = _text(rec, "prompt", where) if "prompt" in rec else ""
+            pairs.append(PreferencePair(_chat_ids(tokenizer, prompt, _text(rec, "chosen", where), max_length),
+                                        _chat_ids(tokenizer, prompt, _text(rec, "rejected", where), max_length)))
+        elif "response" in rec and "score" in rec:
+            score = rec["score"]
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise ValueError(f"{where}: 'score' must be a number, got {score!r}")
+            prompt = _text(rec, "prompt", where) if "prompt" in rec else ""
+            ratings.append(Rating(_chat_ids(tokenizer, prompt, _text(rec, "response", where), max_length), float(score)))
+        else:
+            raise ValueError(f"{where}: expected {{'prompt', 'chosen', 'rejected'}} or "
+                             f"{{'prompt', 'response', 'score'}}, got keys {sorted(rec)}")
+    return pairs, ratings
+
+
+@dataclass
+class Prompt:
+    raw: str  # the user's text (the last user message), as a reward function sees it
+    text: str  # the rendered chat prompt, as the policy sees it
+    input_ids: list[int]
+
+
+def load_prompts(path, tokenizer, max_length: int) -> list[Prompt]:
+    prompts = []
+    for lineno, rec in read_jsonl(path):
+        where = _where(path, lineno)
+        if "messages" in rec:
+            msgs = _messages(rec, where)
+            if msgs[-1]["role"] == "assistant":
+                msgs = msgs[:-1]
+            if not msgs:
+                raise ValueError(f"{where}: no prompt left after dropping the assistant turn")
+        elif "prompt" in rec:
+            msgs = [{"role": "user", "content": _text(rec, "prompt", where)}]
+        else:
+            raise ValueError(f"{where}: expected {{'prompt'}} or {{'messages'}}, got keys {sorted(rec)}")
+        ids = encode_prompt(tokenizer, msgs)[-max_length:]  # keep the end: the generation prompt
+        raw = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
+        prompts.append(Prompt(raw, _render(tokenizer, msgs, add_generation_prompt=True), ids))
+    return prompts
+
+
+# --------------------------------------------------------------------------- batching
+
+def pad(seqs: list[list[int]], pad_id: int, *, side: str = "right", device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to [B, T_max]; returns (ids, attention_mask)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the batch for a global ``step``: a fresh permutation per epoch seeded by
+    (seed, epoch), so any step's batch is known without replaying earlier ones (resume)."""
+    per_epoch = max(1, -(-n // batch_size))
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return perm[k * batch_size: (k + 1) * batch_size]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, -(-n // batch_size))

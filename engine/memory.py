@@ -1,0 +1,186 @@
+"""Peak memory of one PPO step: ONE shared backbone vs the usual FOUR separate models.
+
+    shared    one base + LoRA adapters policy / sft / reward + value and reward heads
+    separate  policy, reference, reward and value models, each a full copy of the base
+              (policy and value each with their own LoRA, reward with its LoRA + head)
+
+Both run the same step on the same model and batch: score (policy log-probs + values,
+reference log-probs, reward) without grad, then one PPO update (forward, backward,
+optimizer step). Both train LoRA adapters, so the difference is the sharing alone.
+
+Each setup runs in a fresh subprocess so neither sees the other's allocations. On CUDA
+the number is ``torch.cuda.max_memory_allocated``; on CPU it is the peak RSS
+(``ru_maxrss``) minus the RSS after a warm-up step on the tiny preset (imports, one-off
+buffers), i.e. what the models and the step added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux fallback
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _fake_rollout(tokenizer, batch_size: int, seq_len: int, device):
+    """A scored-shape rollout of random tokens: prompt = first half, completion = second half."""
+    from .rollout import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(tokenizer), (batch_size, seq_len), generator=g).to(device)
+    P = seq_len // 2
+    mask = torch.ones(batch_size, seq_len - P, device=device)
+    return Rollout(ids, torch.ones_like(ids), P, mask, [""] * batch_size, [""] * batch_size)
+
+
+def _ppo_loss(logp, ro, values=None):
+    import rlfuse.kernels as K
+
+    adv = torch.randn_like(ro.logp)
+    return K.ppo_loss(logp, ro.logp, adv, ro.response_mask, ref_logp=ro.ref_logp, kl_coef=0.05,
+                      values=values, old_values=None if values is None else ro.values,
+                      returns=None if values is None else torch.zeros_like(ro.logp))[0]
+
+
+def _step_shared(model_cfg, device, batch_size, seq_len):
+    from .backbone import load_backbone
+    from .optim import make_optimizer
+    from .rollout import policy_outputs
+
+    bb = load_backbone(model_cfg, device=device, adapters=["policy", "sft", "reward"])
+    bb.reference_adapter = "sft"
+    bb.set_trainable(["policy"])
+    opt = make_optimizer(bb.adapter_parameters("policy") + list(bb.value_head.parameters()), lr=1e-4,
+                         device=device, kind=model_cfg.optimizer)
+    ro = _fake_rollout(bb.tokenizer, batch_size, seq_len, device)
+    P = ro.prompt_len
+    with torch.no_grad():  # scoring: three forwards of one model
+        with bb.use("policy"):
+            ro.logp, _, ro.values = policy_outputs(bb, ro.input_ids, ro.attention_mask, P, temperature=1.0,
+                                                   with_values=True)
+        with bb.use("sft"):
+            h = bb.hidden_states(ro.input_ids, ro.attention_mask)[:, P - 1: -1]
+            ro.ref_logp = bb.token_logprobs(h, ro.labels)
+        bb.reward_scores(ro.input_ids, ro.attention_mask)
+    with bb.use("policy"):  # update
+        logp, _, values = policy_outputs(bb, ro.input_ids, ro.attention_mask, P, temperature=1.0, with_values=True)
+    _ppo_loss(logp, ro, values).backward()
+    opt.step()
+
+
+def _step_separate(model_cfg, device, batch_size, seq_len):
+    from .backbone import load_backbone
+    from .optim import make_optimizer
+
+    policy = load_backbone(model_cfg, device=device, adapters=["policy"])
+    reference = load_backbone(model_cfg, device=device, adapters=["sft"])
+    reward = load_backbone(model_cfg, device=device, adapters=["reward"])
+    value = load_backbone(model_cfg, device=device, adapters=["value"])
+    policy.set_trainable(["policy"])
+    value.set_trainable(["value"])
+    opt_p = make_optimizer(policy.adapter_parameters("policy"), lr=1e-4, device=device, kind=model_cfg.optimizer)
+    opt_v = make_optimizer(value.adapter_parameters("value") + list(value.value_head.parameters()), lr=1e-4,
+                           device=device, kind=model_cfg.optimizer)
+    ro = _fake_rollout(policy.tokenizer, batch_size, seq_len, device)
+    P = ro.prompt_len
+
+    def logp_of(bb, adapter):
+        with bb.use(adapter):
+            return bb.token_logprobs(bb.hidden_states(ro.input_ids, ro.attention_mask)[:, P - 1: -1], ro.labels)
+
+    def values_of():
+        with value.use("value"):
+            return value.value_head(value.hidden_states(ro.input_ids, ro.attention_mask)[:, P - 1: -1])
+
+    with torch.no_grad():  # scoring: four models, one forward each
+        ro.logp = logp_of(policy, "policy")
+        ro.values = values_of()
+        ro.ref_logp = logp_of(reference, "sft")
+        reward.reward_scores(ro.input_ids, ro.attention_mask)
+    loss = _ppo_loss(logp_of(policy, "policy"), ro, values_of())  # update both trained models
+    loss.backward()
+    opt_p.step()
+    opt_v.step()
+
+
+def measure(mode: str, *, model: str = "tiny", device: str = "cpu", batch_size: int = 4, seq_len: int = 128,
+            quantization: str = "auto") -> int:
+    """Peak bytes of one PPO step in THIS process (call it in a fresh one)."""
+    import gc
+
+    from .config import ModelConfig
+
+    cfg = ModelConfig(name_or_path=model, quantization=quantization)
+    step = {"shared": _step_shared, "separate": _step_separate}[mode]
+    # warm-up on the tiny preset: lazy imports, one-off buffers and allocator pools are
+    # then part of the baseline, not of the measured step
+    step(ModelConfig(name_or_path="tiny"), device, 2, 16)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(cfg, device, batch_size, seq_len)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    base = _rss_bytes()
+    step(cfg, device, batch_size, seq_len)
+    return _peak_rss_bytes() - base
+
+
+def compare_memory(model: str = "tiny-small", *, device: str = "auto", batch_size: int = 4, seq_len: int = 128,
+                   quantization: str = "auto", timeout: float = 900) -> dict:
+    """Peak memory of one PPO step, shared backbone vs four models -> numbers and their ratio."""
+    from .config import resolve_device
+
+    device = resolve_device(device)
+    results = {}
+    for mode in ("shared", "separate"):
+        cmd = [sys.executable, "-m", "rlfuse.engine.memory", "--mode", mode, "--model", model, "--device", device,
+               "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--quantization", quantization]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory measurement ({mode}) failed:\n{proc.stderr[-3000:]}")
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    mb = 2**20
+    return {"model": model, "device": device, "batch_size": batch_size, "seq_len": seq_len,
+            "metric": "max_memory_allocated" if device.startswith("cuda") else "peak RSS minus RSS after warm-up",
+            "shared_mb": results["shared"] / mb, "separate_mb": results["separate"] / mb,
+            "ratio": results["shared"] / results["separate"]}
+
+
+def _main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=["shared", "separate"], required=True)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--quantization", default="auto")
+    a = p.parse_args(argv)
+    peak = measure(a.mode, model=a.model, device=a.device, batch_size=a.batch_size, seq_len=a.seq_len,
+                   quantization=a.quantization)
+    print(json.dumps({"mode": a.mode, "peak_bytes": peak}))
+
+
+if __name__ == "__main__":
+    _main()

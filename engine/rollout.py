@@ -1,0 +1,147 @@
+"""Rollouts: sample completions with the policy, then score them.
+
+Layout of a rollout batch (P = longest prompt, R = longest completion):
+
+    input_ids  [B, P + R]   left-padded prompt | completion, right-padded after its EOS
+    response_mask [B, R]    1 on completion tokens (up to and including the first EOS)
+
+Since every completion starts at column P, hidden[:, P-1 : P+R-1] is exactly the set of
+states that predicted completion tokens: log-probs, entropies and values all live on this
+[B, R] grid. Scoring is one no-grad forward per role:
+
+    policy    ("policy" adapter)        -> log-probs, entropy, values (value head), one pass
+    reference (``sft`` or bare base)    -> log-probs
+    reward    ("reward" adapter + head) -> one score per sequence, or a Python reward_fn
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import Prompt, pad
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor  # [B, R] float
+    prompts: list[str]  # the raw prompts (what a reward_fn sees)
+    completions: list[str]
+    logp: torch.Tensor | None = None  # [B, R] policy log-probs at sampling time ("old")
+    ref_logp: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # [B] sequence-level reward
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_len:]
+
+
+def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max_new_tokens: int = 32,
+                     temperature: float = 1.0) -> Rollout:
+    """Sample ``n_samples`` completions per prompt; rows of one prompt are adjacent (groups)."""
+    tok = backbone.tokenizer
+    rows = [p for p in prompts for _ in range(n_samples)]
+    ids, attn = pad([p.input_ids for p in rows], tok.pad_token_id, side="left", device=backbone.device)
+    out = backbone.generate(ids, attn, max_new_tokens=max_new_tokens, temperature=temperature)
+    P = ids.shape[1]
+    completion = out[:, P:]
+    is_eos = torch.isin(completion, torch.tensor(backbone.eos_token_ids(), device=completion.device))
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    completion = completion.masked_fill(after_eos, tok.pad_token_id)
+    response_mask = (~after_eos).long()
+    texts = tok.batch_decode([c[m.bool()] for c, m in zip(completion, response_mask)], skip_special_tokens=True)
+    return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([attn, response_mask], 1),
+                   prompt_len=P, response_mask=response_mask.float(), prompts=[p.raw for p in rows],
+                   completions=texts)
+
+
+def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temperature: float,
+                   with_values: bool):
+    """ONE forward of the active adapter -> (logp, entropy, values or None), each [B, R]."""
+    hidden = backbone.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]
+    logp, entropy = backbone.token_logprobs(hidden, input_ids[:, prompt_len:], temperature=temperature,
+                                            entropy=True)
+    values = backbone.value_head(hidden) if with_values else None
+    return logp, entropy, values
+
+
+@torch.no_grad()
+def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn: RewardFn | None = None,
+                  with_values: bool = True, batch_size: int = 32) -> Rollout:
+    """Fill ``ro`` with old log-probs, entropy, values, reference log-probs and scores."""
+    was_training = backbone.model.training
+    backbone.train(False)
+    P, mask = ro.prompt_len, ro.response_mask
+    logps, refs, ents, vals, scores = [], [], [], [], []
+    for i in range(0, len(ro), batch_size):
+        ids, attn = ro.input_ids[i: i + batch_size], ro.attention_mask[i: i + batch_size]
+        with backbone.use("policy"):
+            logp, ent, val = policy_outputs(backbone, ids, attn, P, temperature=temperature, with_values=with_values)
+        with backbone.use(backbone.reference_adapter):
+            ref = backbone.token_logprobs(backbone.hidden_states(ids, attn)[:, P - 1: -1], ids[:, P:],
+                                          temperature=temperature)
+        logps.append(logp), ents.append(ent), refs.append(ref)
+        if val is not None:
+            vals.append(val)
+        if reward_fn is None:
+            scores.append(backbone.reward_scores(ids, attn).float())
+    backbone.train(was_training)
+
+    ro.logp, ro.entropy, ro.ref_logp = (torch.cat(x) * mask for x in (logps, ents, refs))
+    ro.values = torch.cat(vals) * mask if vals else None
+    ro.scores = torch.cat(scores) if reward_fn is None else call_reward_fn(reward_fn, ro, device=mask.device)
+    return ro
+
+
+def call_reward_fn(reward_fn: RewardFn, ro: Rollout, device) -> torch.Tensor:
+    out = reward_fn(list(ro.prompts), list(ro.completions))
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise ValueError(f"reward function must return a list of numbers, got {type(out).__name__}") from None
+    if len(values) != len(ro):
+        raise ValueError(f"reward function returned {len(values)} scores for {len(ro)} completions")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("reward function returned a non-finite score")
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """``package.module:function`` or ``path/to/file.py:function``."""
+    module_name, _, fn_name = spec.rpartition(":")
+    if not module_name or not fn_name:
+        raise ValueError(f"reward function {spec!r} must look like 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"reward function file not found: {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"rlfuse_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"cannot import reward function module {module_name!r}: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"{module_name} has no function {fn_name!r}")
+    return fn

@@ -1,0 +1,1 @@
+"""Small, self-checking tasks for demos and tests (prompts, gold answers, reward functions)."""

@@ -1,0 +1,23 @@
+"""Helpers shared by the engine tests (a plain module: pytest's conftest is not importable
+by name when tests/ has its own conftest.py)."""
+
+from __future__ import annotations
+
+import json
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
+
+# keep every run on the tiny preset and a few steps, so the folder runs in minutes on 2 cores
+FAST = ["--no-progress", "--device", "cpu", "--model", "tiny",
+        "--set", "sft.batch_size=4", "--set", "rm.batch_size=4",
+        "--set", "ppo.batch_size=2", "--set", "ppo.n_samples=2", "--set", "ppo.max_new_tokens=4",
+        "--set", "ppo.ppo_epochs=1", "--set", "ppo.minibatch_size=4", "--set", "save_every=100"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

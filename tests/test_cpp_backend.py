@@ -1,0 +1,457 @@
+"""The C++ CPU backend (rlfuse.kernels._C through kernels/backends/cpp.py) against float64
+references, plus its own promises: in-place backward, strided rows, every ppo_loss option,
+writes to every output element, and bitwise determinism across thread counts.
+
+Skipped as a whole when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import rlfuse.kernels as K
+from rlfuse.kernels import reference
+from rlfuse.kernels.backends import cpp, torch_backend
+from rlfuse.kernels.backends import STATS_FIELDS
+
+pytestmark = pytest.mark.skipif(not cpp.AVAILABLE, reason=f"cpp backend unavailable: "
+                                f"{getattr(cpp, 'UNAVAILABLE_REASON', '')}")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def assert_close(actual, expected, *, atol, rtol=0.0, name="value"):
+    """|a - e| <= atol + rtol |e| elementwise, in float64; reports the worst offenders."""
+    a = actual.detach().double().reshape(-1)
+    e = expected.detach().double().reshape(-1)
+    assert a.shape == e.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert not torch.isnan(a).any(), f"{name}: NaN in output ({int(torch.isnan(a).sum())} elements)"
+    err = (a - e).abs()
+    bound = atol + rtol * e.abs()
+    bad = err > bound
+    if bad.any():
+        idx = (err - bound).topk(min(5, int(bad.sum()))).indices
+        rows = ", ".join(f"[{int(i)}] {a[i].item():.8g} vs {e[i].item():.8g}" for i in idx)
+        pytest.fail(f"{name}: {int(bad.sum())}/{a.numel()} elements off "
+                    f"(max err {err.max().item():.3g}); worst: {rows}")
+
+
+def poison_heap(nbytes: int) -> None:
+    """Allocate and free NaN-filled buffers of ``nbytes`` so the next allocation of that size
+    (an op's output) reuses NaN memory: a kernel that skips writes then fails. (One buffer is
+    not enough for glibc's bins; sixteen reliably are, from 1 KB to the mmap threshold.)"""
+    bufs = [torch.full((max(1, nbytes // 4),), float("nan")) for _ in range(16)]
+    del bufs
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rand_logits(shape, seed, dtype=torch.float32, scale=3.0):
+    return (torch.randn(shape, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def rand_labels(shape, vocab, seed):
+    return torch.randint(0, vocab, shape, generator=gen(seed + 1000))
+
+
+def ref_logprobs(logits, labels, temperature):
+    """float64 (logp, entropy) and a function giving the float64 gradient wrt logits."""
+    x = logits.detach().double().requires_grad_(True)
+    lp, ent = reference.logprobs_from_logits(x, labels, temperature=temperature, return_entropy=True)
+
+    def grad(g_lp, g_ent=None):
+        total = (lp * g_lp.double()).sum()
+        if g_ent is not None:
+            total = total + (ent * g_ent.double()).sum()
+        (gx,) = torch.autograd.grad(total, x, retain_graph=True)
+        return gx
+
+    return lp.detach(), ent.detach(), grad
+
+
+def lp_tol(vocab):
+    return dict(atol=3e-5 if vocab < 10_000 else 8e-5, rtol=2e-6)
+
+
+GRAD_RTOL = {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+# ------------------------------------------------------------------------------------ log-probs
+@pytest.mark.parametrize("temperature", (0.7, 1.0, 1.5))
+@pytest.mark.parametrize("vocab", (1, 3, 1000, 50257))
+@pytest.mark.parametrize("ndim", (2, 3))
+def test_logprobs_forward_backward_fp32(vocab, ndim, temperature):
+    rows = 3 if vocab > 10_000 else 11
+    shape = (rows, vocab) if ndim == 2 else (2, (rows + 1) // 2, vocab)
+    logits = rand_logits(shape, seed=vocab + ndim).requires_grad_(True)
+    labels = rand_labels(shape[:-1], vocab, seed=ndim)
+    ref_lp, ref_ent, ref_grad = ref_logprobs(logits, labels, temperature)
+    with K.use_backend("cpp"):
+        logp = K.logprobs_from_logits(logits, labels, temperature=temperature)
+        logp2, ent = K.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    for t in (logp, logp2, ent):
+        assert t.dtype == torch.float32 and t.shape == shape[:-1]
+    assert_close(logp, ref_lp, name="logp", **lp_tol(vocab))
+    assert_close(logp2, ref_lp, name="logp (entropy on)", **lp_tol(vocab))
+    assert_close(ent, ref_ent, name="entropy", **lp_tol(vocab))
+
+    g_lp = torch.randn(shape[:-1], generator=gen(7))
+    g_ent = torch.randn(shape[:-1], generator=gen(8))
+    (gx,) = torch.autograd.grad((logp * g_lp).sum(), logits)
+    assert_close(gx, ref_grad(g_lp), atol=1e-6, rtol=2e-5, name="grad (logp)")
+    (gx,) = torch.autograd.grad((logp2 * g_lp).sum() + (ent * g_ent).sum(), logits)
+    assert_close(gx, ref_grad(g_lp, g_ent), atol=2e-6, rtol=2e-5, name="grad (logp + entropy)")
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float64))
+@pytest.mark.parametrize("vocab", (3, 1000, 50257))
+def test_logprobs_low_precision_and_fp64(dtype, vocab):
+    rows = 3 if vocab > 10_000 else 9
+    logits = rand_logits((rows, vocab), seed=vocab, dtype=dtype).requires_grad_(True)
+    labels = rand_labels((rows,), vocab, seed=vocab)
+    ref_lp, ref_ent, ref_grad = ref_logprobs(logits, labels, 0.9)
+    with K.use_backend("cpp"):
+        logp, ent = K.logprobs_from_logits(logits, labels, temperature=0.9, return_entropy=True)
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    # computed in float32 from the same low-precision inputs: only float32 rounding remains
+    assert_close(logp, ref_lp, name="logp", **lp_tol(vocab))
+    assert_close(ent, ref_ent, name="entropy", **lp_tol(vocab))
+    g_lp, g_ent = torch.randn(rows, generator=gen(1)), torch.randn(rows, generator=gen(2))
+    (gx,) = torch.autograd.grad((logp * g_lp).sum() + (ent * g_ent).sum(), logits)
+    assert gx.dtype == dtype
+    # the gradient is rounded once to the logits dtype
+    assert_close(gx, ref_grad(g_lp, g_ent), atol=2e-6, rtol=GRAD_RTOL[dtype], name=f"grad {dtype}")
+
+
+def test_logprobs_noncontiguous_rows():
+    """logits[:, :-1] (a strided 3-D view) through the public op, and a strided 2-D view
+    straight into the backend (row stride V + 1), forward and in-place backward."""
+    full = rand_logits((2, 6, 1001), seed=3).requires_grad_(True)
+    view = full[:, :-1]
+    labels = rand_labels((2, 5), 1001, seed=3)
+    ref_lp, ref_ent, ref_grad = ref_logprobs(view, labels, 1.3)
+    with K.use_backend("cpp"):
+        logp, ent = K.logprobs_from_logits(view, labels, temperature=1.3, return_entropy=True)
+    assert_close(logp, ref_lp, name="logp", **lp_tol(1000))
+    assert_close(ent, ref_ent, name="entropy", **lp_tol(1000))
+    (gx,) = torch.autograd.grad(logp.sum() + ent.sum(), full)
+    assert_close(gx[:, :-1], ref_grad(torch.ones(2, 5), torch.ones(2, 5)), atol=2e-6, rtol=2e-5, name="grad")
+    assert torch.equal(gx[:, -1], torch.zeros_like(gx[:, -1]))
+
+    base = rand_logits((7, 1001), seed=4)
+    strided = base[:, :1000]  # row stride 1001, last dim contiguous
+    lab = rand_labels((7,), 1000, seed=4)
+    lp, lse, en = cpp.logprobs_forward(strided, lab, 1.0, True)
+    r_lp, r_ent, r_grad = ref_logprobs(strided, lab, 1.0)
+    assert_close(lp, r_lp, name="strided logp", **lp_tol(1000))
+    assert_close(en, r_ent, name="strided entropy", **lp_tol(1000))
+    g_lp, g_ent = torch.randn(7, generator=gen(3)), torch.randn(7, generator=gen(4))
+    pad = base[:, 1000].clone()
+    out = cpp.logprobs_backward(strided, lab, lse, en, g_lp, g_ent, 1.0, True)
+    assert out.data_ptr() == strided.data_ptr()
+    assert_close(base[:, :1000], r_grad(g_lp, g_ent), atol=2e-6, rtol=2e-5, name="strided in-place grad")
+    assert torch.equal(base[:, 1000], pad), "in-place backward wrote outside the rows"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("with_entropy", (False, True))
+def test_logprobs_backward_inplace(dtype, with_entropy):
+    rows, vocab = 6, 2053
+    logits = rand_logits((rows, vocab), seed=11, dtype=dtype)
+    labels = rand_labels((rows,), vocab, seed=11)
+    original = logits.clone()
+    r_lp, r_ent, r_grad = ref_logprobs(logits, labels, 0.8)
+    lp, lse, ent = cpp.logprobs_forward(logits, labels, 0.8, with_entropy)
+    assert ent.numel() == (rows if with_entropy else 0)
+    g_lp = torch.randn(rows, generator=gen(5))
+    g_lp[2] = 0.0  # a masked token: its gradient row must still be written (zeros)
+    g_ent = torch.randn(rows, generator=gen(6)) if with_entropy else None
+    if with_entropy:
+        g_ent[2] = 0.0
+    expected = r_grad(g_lp, g_ent)
+
+    poison_heap(rows * vocab * logits.element_size())
+    fresh = cpp.logprobs_backward(logits, labels, lse, ent, g_lp, g_ent, 0.8, False)
+    assert torch.equal(logits, original), "out-of-place backward modified the logits"
+    assert fresh.dtype == dtype and fresh.shape == logits.shape and fresh.data_ptr() != logits.data_ptr()
+    assert_close(fresh, expected, atol=2e-6, rtol=GRAD_RTOL[dtype], name="grad (fresh)")
+    assert torch.equal(fresh[2], torch.zeros_like(fresh[2]))
+
+    out = cpp.logprobs_backward(logits, labels, lse, ent, g_lp, g_ent, 0.8, True)
+    assert out.data_ptr() == logits.data_ptr(), "in-place backward must return the logits buffer"
+    assert not torch.equal(logits, original), "in-place backward left the logits buffer unchanged"
+    assert torch.equal(logits, fresh), "in-place and out-of-place gradients differ"
+
+
+def test_logprobs_vocab_one_and_extremes():
+    logits = torch.tensor([[5.0], [-3.0]])
+    lp, lse, ent = cpp.logprobs_forward(logits, torch.zeros(2, dtype=torch.long), 1.0, True)
+    assert torch.equal(lp, torch.zeros(2)) and torch.equal(ent, torch.zeros(2))
+    assert torch.equal(lse, logits[:, 0])
+    # -inf logits (banned tokens) and huge values must not produce NaN for valid labels
+    x = rand_logits((4, 300), seed=9) * 30
+    x[:, :50] = float("-inf")
+    lab = torch.full((4,), 100)
+    r_lp, _r_ent, _ = ref_logprobs(x[:, 50:], lab - 50, 1.0)
+    lp, lse, _ = cpp.logprobs_forward(x, lab, 1.0, False)
+    assert_close(lp, r_lp, atol=1e-4, rtol=1e-6, name="logp with -inf logits")
+    g = cpp.logprobs_backward(x, lab, lse, None, torch.ones(4), None, 1.0, False)
+    assert torch.isfinite(g).all() and torch.equal(g[:, :50], torch.zeros(4, 50))
+
+
+@pytest.mark.parametrize("with_bias", (False, True))
+def test_linear_logprobs_through_cpp(with_bias):
+    """The fused LM head drives the in-place backward chunk by chunk."""
+    n, h, v = 37, 16, 1003
+    hidden = torch.randn(n, h, generator=gen(1)).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=gen(2)) * 0.3).requires_grad_(True)
+    bias = (torch.randn(v, generator=gen(3)) * 0.1).requires_grad_(True) if with_bias else None
+    labels = rand_labels((n,), v, seed=5)
+    with K.use_backend("cpp"):
+        lp, ent = K.linear_logprobs(hidden, weight, labels, bias=bias, temperature=1.2,
+                                    return_entropy=True, chunk_size=8)
+    params = [hidden, weight] + ([bias] if with_bias else [])
+    grads = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), params)
+    p64 = [p.detach().double().requires_grad_(True) for p in params]
+    r_lp, r_ent = reference.linear_logprobs(p64[0], p64[1], labels, bias=p64[2] if with_bias else None,
+                                            temperature=1.2, return_entropy=True)
+    r_grads = torch.autograd.grad(r_lp.sum() + 0.5 * r_ent.sum(), p64)
+    assert_close(lp, r_lp, atol=3e-5, rtol=2e-6, name="logp")
+    assert_close(ent, r_ent, atol=3e-5, rtol=2e-6, name="entropy")
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, r_grads):
+        assert_close(g, r, atol=2e-5, rtol=1e-4, name=f"grad {name}")
+
+
+# ------------------------------------------------------------------------------------ GAE
+def _gae_inputs(seed):
+    b, t = 9, 37
+    g = gen(seed)
+    rewards = torch.randn(b, t, generator=g)
+    values = torch.randn(b, t, generator=g)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, :10] = False                      # left padding
+    mask[2, 25:] = False                      # right padding
+    mask[3, 5:9] = False                      # a hole
+    mask[3, 30:] = False
+    mask[4] = False                           # all masked
+    mask[5] = torch.rand(t, generator=g) > 0.5  # random holes
+    mask[6, :3] = False
+    mask[6, -3:] = False                      # both sides
+    mask[7, :-1] = False                      # a single valid token (the last)
+    mask[8, 1:] = False                       # a single valid token (the first)
+    return rewards, values, mask
+
+
+@pytest.mark.parametrize("gamma,lam", ((1.0, 0.95), (0.99, 0.9), (0.0, 1.0), (1.0, 0.0), (0.5, 1.0)))
+def test_gae_against_reference(gamma, lam):
+    rewards, values, mask = _gae_inputs(int(gamma * 100 + lam * 10))
+    r_adv, r_ret = reference.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam)
+    poison_heap(rewards.numel() * 4)
+    adv, ret = cpp.gae(rewards, values, mask, gamma, lam)
+    assert adv.dtype == torch.float32 and adv.shape == rewards.shape
+    assert_close(adv, r_adv, atol=1e-5, rtol=1e-5, name="advantages")
+    assert_close(ret, r_ret, atol=1e-5, rtol=1e-5, name="returns")
+    assert torch.equal(adv[~mask], torch.zeros(int((~mask).sum()))), "masked advantages must be exactly 0"
+    assert torch.equal(ret[~mask], torch.zeros(int((~mask).sum()))), "masked returns must be exactly 0"
+    # padding / holes give the advantages of the unpadded row
+    row = 3
+    keep = mask[row]
+    a_alone, _ = cpp.gae(rewards[row, keep][None], values[row, keep][None],
+                         torch.ones(1, int(keep.sum()), dtype=torch.bool), gamma, lam)
+    torch.testing.assert_close(adv[row, keep], a_alone[0], atol=1e-6, rtol=1e-6)
+
+
+def test_gae_public_api_and_shapes():
+    rewards, values, mask = _gae_inputs(3)
+    with K.use_backend("cpp"):
+        adv, ret = K.gae(rewards, values, mask, gamma=0.97, lam=0.9)
+        adv1, ret1 = K.gae(rewards[0], values[0], None, gamma=0.97, lam=0.9)
+    t_adv, t_ret = torch_backend.gae(rewards, values, mask, 0.97, 0.9)
+    torch.testing.assert_close(adv, t_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, t_ret, atol=1e-5, rtol=1e-5)
+    r_adv, r_ret = reference.gae(rewards[:1].double(), values[:1].double(), None, gamma=0.97, lam=0.9)
+    assert adv1.shape == (rewards.shape[1],)
+    assert_close(adv1, r_adv[0], atol=1e-5, rtol=1e-5, name="1-D advantages")
+    assert_close(ret1, r_ret[0], atol=1e-5, rtol=1e-5, name="1-D returns")
+    empty = cpp.gae(torch.zeros(0, 5), torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool), 1.0, 0.9)
+    assert empty[0].shape == (0, 5)
+
+
+# ------------------------------------------------------------------------------------ PPO loss
+def _ppo_inputs(n, seed, *, ties=False):
+    g = gen(seed)
+    logp = torch.randn(n, generator=g) * 0.5 - 2.0
+    old = logp + torch.randn(n, generator=g) * 0.3
+    if ties:
+        old[: n // 4] = logp[: n // 4]  # ratio exactly 1: clipped == unclipped
+    adv = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) > 0.2
+    ref = logp + torch.randn(n, generator=g) * 0.2
+    ent = torch.rand(n, generator=g) * 3
+    values = torch.randn(n, generator=g)
+    old_values = values + torch.randn(n, generator=g) * 0.4
+    if ties:
+        old_values[n // 4: n // 2] = values[n // 4: n // 2]  # |v - old_v| = 0: both value branches tie
+    returns = torch.randn(n, generator=g)
+    return dict(logp=logp, old_logp=old, advantages=adv, mask=mask, ref_logp=ref, entropy=ent,
+                values=values, old_values=old_values, returns=returns)
+
+
+PPO_CASES = {
+    "plain": dict(),
+    "clip_high": dict(clip_eps_high=0.28),
+    "dual": dict(dual_clip=3.0),
+    "k1": dict(kl="k1", kl_coef=0.1),
+    "k2": dict(kl="k2", kl_coef=0.2),
+    "k3_entropy": dict(kl="k3", kl_coef=0.05, entropy=True, entropy_coef=0.01),
+    "values_unclipped": dict(values="plain", value_coef=0.5),
+    "values_clip_none": dict(values="old", value_clip=None, value_coef=0.7),
+    "values_clipped": dict(values="old", value_clip=0.2, value_coef=0.5),
+    "everything": dict(clip_eps_high=0.3, dual_clip=2.5, kl="k3", kl_coef=0.1, entropy=True,
+                       entropy_coef=0.02, values="old", value_clip=0.1, value_coef=0.25),
+}
+
+
+def _ppo_call(inp, case, cast=lambda t: t):
+    kw = dict(clip_eps=0.2, clip_eps_high=case.get("clip_eps_high"), dual_clip=case.get("dual_clip"),
+              kl_coef=case.get("kl_coef", 0.0), kl_estimator=case.get("kl", "k3"),
+              entropy_coef=case.get("entropy_coef", 0.0), value_coef=case.get("value_coef", 0.5),
+              value_clip=case.get("value_clip", 0.2))
+    leaves = {"logp": cast(inp["logp"]).requires_grad_(True)}
+    if case.get("entropy"):
+        leaves["entropy"] = cast(inp["entropy"]).requires_grad_(True)
+    if case.get("values"):
+        leaves["values"] = cast(inp["values"]).requires_grad_(True)
+        kw["returns"] = cast(inp["returns"])
+        if case["values"] == "old":
+            kw["old_values"] = cast(inp["old_values"])
+    if case.get("kl"):
+        kw["ref_logp"] = cast(inp["ref_logp"])
+    args = (leaves["logp"], cast(inp["old_logp"]), cast(inp["advantages"]), inp["mask"])
+    return leaves, args, {**kw, **{k: v for k, v in leaves.items() if k != "logp"}}
+
+
+@pytest.mark.parametrize("ties", (False, True))
+@pytest.mark.parametrize("name", sorted(PPO_CASES))
+def test_ppo_loss_against_reference(name, ties):
+    case = PPO_CASES[name]
+    inp = _ppo_inputs(3 * 4096 + 77, seed=len(name), ties=ties)
+    leaves, args, kw = _ppo_call(inp, case)
+    with K.use_backend("cpp"):
+        loss, stats = K.ppo_loss(*args, **kw)
+    grads = torch.autograd.grad(loss * 1.7, list(leaves.values()))
+
+    r_leaves, r_args, r_kw = _ppo_call(inp, case, cast=lambda t: t.double())
+    r_loss, r_stats = reference.ppo_loss(*r_args, **r_kw)
+    r_grads = torch.autograd.grad(r_loss * 1.7, list(r_leaves.values()))
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, r_loss, atol=2e-6, rtol=1e-5, name="loss")
+    for field in STATS_FIELDS:
+        assert_close(stats[field], r_stats[field], atol=2e-6, rtol=1e-5, name=f"stats[{field}]")
+    for leaf, g, r in zip(leaves, grads, r_grads):
+        assert_close(g, r, atol=1e-9, rtol=1e-5, name=f"grad {leaf}")
+
+    # and the same conventions (tie-breaking, branch choice) as the torch backend, directly
+    pos = dict(ref_logp=None, entropy=None, values=None, old_values=None, returns=None)
+    flat = {k: (kw.get(k) if k not in leaves else leaves[k]) for k in pos}
+    flat = {k: (None if v is None else v.detach().float()) for k, v in flat.items()}
+    opts = dict(clip_eps=0.2, clip_eps_high=case.get("clip_eps_high") or 0.2,
+                dual_clip=case.get("dual_clip"), kl_coef=case.get("kl_coef", 0.0),
+                kl_estimator=case.get("kl", "k3"), entropy_coef=case.get("entropy_coef", 0.0),
+                value_clip=case.get("value_clip", 0.2), value_coef=case.get("value_coef", 0.5))
+    m = inp["mask"].float()
+    poison_heap(m.numel() * 4)
+    out_c = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, **flat, **opts)
+    out_t = torch_backend.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, **flat, **opts)
+    assert len(out_c) == 5 and out_c[1].shape == (len(STATS_FIELDS),)
+    for i, (c, t) in enumerate(zip(out_c, out_t)):
+        assert c.shape == t.shape and c.dtype == torch.float32, f"output {i}: {c.shape} vs {t.shape}"
+        torch.testing.assert_close(c, t, atol=1e-7, rtol=2e-5, msg=lambda s: f"output {i}: {s}")
+
+
+def test_ppo_loss_all_masked_and_no_nan():
+    inp = _ppo_inputs(5000, seed=3)
+    inp["mask"] = torch.zeros(5000, dtype=torch.bool)
+    leaves, args, kw = _ppo_call(inp, PPO_CASES["everything"])
+    with K.use_backend("cpp"):
+        loss, stats = K.ppo_loss(*args, **kw)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    assert loss.item() == 0.0
+    assert all(s.item() == 0.0 for s in stats.values())
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+    # masked positions holding overflowing ratios / infinities never leak NaN into the result
+    inp = _ppo_inputs(5000, seed=4)
+    bad = ~inp["mask"]
+    inp["logp"][bad] = 200.0          # ratio = inf at masked tokens
+    inp["values"][bad] = float("inf")
+    m = inp["mask"].float()
+    out = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, inp["ref_logp"],
+                               inp["entropy"], inp["values"], inp["old_values"], inp["returns"],
+                               clip_eps=0.2, clip_eps_high=0.2, dual_clip=None, kl_coef=0.1,
+                               kl_estimator="k2", entropy_coef=0.01, value_clip=0.2, value_coef=0.5)
+    for t in out:
+        assert torch.isfinite(t).all()
+    assert torch.equal(out[2][bad], torch.zeros(int(bad.sum())))
+
+
+def test_ppo_loss_rejects_unknown_estimator():
+    inp = _ppo_inputs(10, seed=1)
+    with pytest.raises(ValueError):
+        cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(),
+                             inp["ref_logp"], None, None, None, None, clip_eps=0.2, clip_eps_high=0.2,
+                             dual_clip=None, kl_coef=0.1, kl_estimator="k4", entropy_coef=0.0,
+                             value_clip=0.2, value_coef=0.5)
+
+
+# ------------------------------------------------------------------------------------ determinism
+def _all_outputs():
+    logits = rand_logits((67, 5003), seed=21, dtype=torch.float32)
+    labels = rand_labels((67,), 5003, seed=21)
+    lp, lse, ent = cpp.logprobs_forward(logits, labels, 0.9, True)
+    g_lp, g_ent = torch.randn(67, generator=gen(1)), torch.randn(67, generator=gen(2))
+    grad = cpp.logprobs_backward(logits, labels, lse, ent, g_lp, g_ent, 0.9, False)
+    lb = logits.bfloat16()
+    lpb, lseb, entb = cpp.logprobs_forward(lb, labels, 1.0, True)
+    gradb = cpp.logprobs_backward(lb, labels, lseb, entb, g_lp, g_ent, 1.0, True)
+    rewards, values, mask = _gae_inputs(5)
+    # sizes above the kernels' per-task grains, so 2 and 3 threads really split the work
+    adv, ret = cpp.gae(rewards.repeat(2000, 1), values.repeat(2000, 1), mask.repeat(2000, 1), 0.99, 0.95)
+    inp = _ppo_inputs(400 * 4096 + 1234, seed=9)
+    ppo = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(),
+                               inp["ref_logp"], inp["entropy"], inp["values"], inp["old_values"],
+                               inp["returns"], clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0,
+                               kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, value_clip=0.2,
+                               value_coef=0.5)
+    return [lp, lse, ent, grad, lpb, lseb, entb, gradb, adv, ret, *ppo]
+
+
+def _bits(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def test_bitwise_determinism_across_thread_counts():
+    with num_threads(1):
+        one = _all_outputs()
+    for n in (2, 3):
+        with num_threads(n):
+            many = _all_outputs()
+        for i, (a, b) in enumerate(zip(one, many)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(_bits(a), _bits(b)), f"output {i} differs bitwise between 1 and {n} threads"
+    for i, (a, b) in enumerate(zip(one, _all_outputs())):
+        assert torch.equal(_bits(a), _bits(b)), f"output {i} differs bitwise between two runs"

@@ -1,0 +1,151 @@
+"""The arithmetic task (parser, split, annotator) and an end-to-end ``rlfuse demo --preset tiny``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlfuse.engine.tasks import arithmetic as A
+
+
+# --------------------------------------------------------------------------- task
+
+def test_problem_space_and_prompts():
+    probs = A.all_problems()
+    assert len(probs) == 155 and all(p.answer >= 0 for p in probs)
+    assert A.format_prompt(A.Problem(4, "-", 2), A.Problem(3, "-", 1)) == "What's 4-2 and 3-1?"
+    assert A.problems_in("What's 4-2 and 3-1?") == (A.Problem(4, "-", 2), A.Problem(3, "-", 1))
+    # a chat-rendered prompt: the problems are the last two expressions
+    rendered = "<|im_start|>system\nBe 100% helpful<|im_end|>\n<|im_start|>user\nWhat's 9+8 and 6-0?<|im_end|>"
+    assert A.problems_in(rendered) == (A.Problem(9, "+", 8), A.Problem(6, "-", 0))
+
+
+def test_heldout_split_is_disjoint_and_fixed():
+    held = A.heldout_prompts(500)
+    assert len(set(held)) == 500 and all(A.is_heldout(p) for p in held)
+    assert held == A.heldout_prompts(500)  # the evaluation set does not move between runs
+    for seed in (0, 1, 7):
+        train = A.train_prompts(3000, seed=seed)
+        assert len(set(train)) == 3000
+        assert not set(train) & set(held)
+        assert not any(A.is_heldout(p) for p in train)
+    assert A.train_prompts(50, seed=0) != A.train_prompts(50, seed=1)
+    n_held, n_train = len(A._split(True)), len(A._split(False))
+    assert n_held + n_train == 155 * 154 and 0.07 < n_held / (n_held + n_train) < 0.13
+
+
+PROMPT = "What's 4-2 and 3-1?"
+
+
+@pytest.mark.parametrize("answer, parsed", [
+    ("4-2 = 2 and 3-1 = 2, so the answers are 2 and 2.", (2, 2)),
+    ("4-2 = 2 and 3-1 = 2.", (2, 2)),
+    ("4 - 2 = 2, 3 - 1 = 2", (2, 2)),
+    ("4−2 = 2 and 3−1 = 2", (2, 2)),  # unicode minus
+    ("4 minus 2 is 2 and 3 minus 1 equals 2", (2, 2)),
+    ("**4-2 = 2** and **3-1 = 2**", (2, 2)),
+    ("The answers are: 2, 2", (2, 2)),
+    ("4-2 = 3 and 3-1 = 2", (3, 2)),
+    ("3-1 = 2 and 4-2 = 5", (5, 2)),  # reordered: mapped back onto the question's order
+    ("4-2 = 2", (2, None)),
+    # the final phrase wins over the working
+    ("4-2 = 2 and 3-1 = 2, so the answers are 2 and 3.", (2, 3)),
+    ("4-2 = 2 and 3-1 = 2; answer is 1 and 1, no wait, the answers are 2 and 2", (2, 2)),
+    # echoing the question or a lone number is not an answer
+    ("4-2 and 3-1 are a classic riddle.", None),
+    ("The answer to this classic math problem is 11.", None),
+    ("", None),
+    ("14-2 = 12 and 33-1 = 32", None),  # other numbers, not this question's
+])
+def test_parse_answer(answer, parsed):
+    assert A.parse_answer(answer, A.problems_in(PROMPT)) == parsed
+
+
+def test_grade_and_reward():
+    assert A.grade(PROMPT, "4-2 = 2 and 3-1 = 2, so the answers are 2 and 2.") == (2, True)
+    assert A.grade(PROMPT, "4-2 = 2 and 3-1 = 2.") == (2, False)
+    assert A.grade(PROMPT, "4-2 = 3 and 3-1 = 2") == (1, False)
+    assert A.is_correct(PROMPT, A.ideal_response(PROMPT))
+    assert not A.is_correct(PROMPT, "4-2 = 2")
+    assert A.reward([PROMPT] * 3, ["4-2 = 2 and 3-1 = 2.", "4-2 = 2 and 3-1 = 9.", "hmm"]) == [1.0, 0.5, 0.0]
+    for p in A.train_prompts(200, seed=3):  # every ideal answer grades as right
+        assert A.grade(p, A.ideal_response(p))[0] == 2
+    with pytest.raises(ValueError):
+        A.grade("hello", "2 and 2")
+
+
+def test_annotator_orders_by_correctness_then_format_then_length():
+    good_final = "4-2 = 2 and 3-1 = 2, so the answers are 2 and 2."
+    good_short = "4-2 = 2 and 3-1 = 2."
+    half = "4-2 = 2 and 3-1 = 3."
+    wrong = "4-2 = 1 and 3-1 = 1, so the answers are 1 and 1."
+    junk = "A classic riddle!"
+    keys = {c: A.rank_key(PROMPT, c) for c in (good_final, good_short, half, wrong, junk)}
+    assert keys[good_final] > keys[good_short] > keys[half] > keys[wrong] > keys[junk]
+    assert A.rank_key(PROMPT, "4-2 = 2 and 3-1 = 2.") > A.rank_key(PROMPT, "4-2 = 2 and 3-1 = 2. Easy!")
+
+    pairs = A.preference_pairs(PROMPT, [junk, half, good_short, wrong, good_short], max_pairs=10)
+    assert pairs and all(p["prompt"] == PROMPT for p in pairs)
+    for p in pairs:  # every chosen answer is strictly more correct than its rejected one
+        assert A.grade(PROMPT, p["chosen"])[0] > A.grade(PROMPT, p["rejected"])[0]
+    assert pairs[0]["chosen"] == good_short and pairs[0]["rejected"] in (wrong, junk)
+    assert len({(p["chosen"], p["rejected"]) for p in pairs}) == len(pairs)  # duplicates counted once
+    assert len(A.preference_pairs(PROMPT, [junk, half, good_short, wrong], max_pairs=2)) == 2
+    # answers that tie on correctness give no pair unless asked for format pairs
+    assert A.preference_pairs(PROMPT, [good_final, good_short]) == []
+    fmt = A.preference_pairs(PROMPT, [good_short, good_final], correctness_only=False)
+    assert fmt == [{"prompt": PROMPT, "chosen": good_final, "rejected": good_short}]
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_paired_statistics():
+    from rlfuse.engine.demo import compare, mcnemar_exact, paired_bootstrap_ci, wilson_interval
+
+    lo, hi = wilson_interval(50, 100)
+    assert lo < 0.5 < hi and abs((hi - lo) - 0.19) < 0.01
+    assert mcnemar_exact([False] * 10, [True] * 10)[2] == pytest.approx(2 / 1024)
+    assert mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)
+    m, lo, hi = paired_bootstrap_ci([0.0] * 50, [1.0] * 50)
+    assert m == lo == hi == 1.0
+    rows = lambda xs: [{"prompt": str(i), "correct": bool(x), "reward": float(x)} for i, x in enumerate(xs)]
+    same = compare(rows([1, 0] * 20), rows([1, 0] * 20))
+    assert same["accuracy_diff"] == 0 and not same["significant"]
+    better = compare(rows([0] * 40), rows([1] * 30 + [0] * 10))
+    assert better["significant"] and better["prompts_gained"] == 30 and better["mcnemar_p"] < 1e-6
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_demo_tiny_end_to_end(tmp_path):
+    """The whole demo on the random tiny model, through the real CLI, in a subprocess."""
+    run_dir = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-c", "import sys; from rlfuse.engine.cli import main; sys.exit(main())",
+                           "demo", "--preset", "tiny", "--out", str(run_dir), "--no-progress"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "demo_summary.json").read_text())
+    assert summary["stage_names"] == ["base", "sft", "ppo"]
+    assert [s["stage"] for s in summary["stages"]] == ["base", "sft", "ppo"]
+    assert all(s["n"] == summary["data"]["heldout_prompts"] > 0 for s in summary["stages"])
+    assert set(summary["comparisons"]) == {"SFT vs base", "PPO vs SFT"}
+    table = (run_dir / "demo_table.md").read_text()
+    for stage in ("base", "sft", "ppo"):
+        assert f"| {stage} |" in table
+        rows = [json.loads(x) for x in (run_dir / f"eval_{stage}.jsonl").read_text().splitlines()]
+        assert len(rows) == summary["data"]["heldout_prompts"]
+        held = {json.loads(x)["prompt"] for x in (run_dir / "data" / "heldout_prompts.jsonl").read_text().splitlines()}
+        assert {r["prompt"] for r in rows} == held
+    for d in ("sft", "rm", "ppo"):  # the engine's per-stage output
+        assert (run_dir / d).is_dir()
+    assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "summary.json").is_file()
+    engine_summary = json.loads((run_dir / "summary.json").read_text())
+    assert {"sft", "rm", "ppo"} <= set(engine_summary)
+    # training data never contains a held-out prompt
+    train = {json.loads(x)["prompt"] for f in ("sft.jsonl", "prefs.jsonl", "ppo_prompts.jsonl")
+             for x in (run_dir / "data" / f).read_text().splitlines()}
+    assert not train & held
+    assert "PPO vs SFT" in proc.stdout and "accuracy" in proc.stdout
