@@ -128,7 +128,7 @@ class PpoStepBench(OpBench):
     sizes_by_preset = {
         "target": [dict(H=256, L=4, V=32000, B=8, P=64, R=64, dtype="float32")],
         "quick": [dict(H=256, L=4, V=32000, B=2, P=16, R=16, dtype="float32")],
-        "full": [dict(H=256, L=4, V=32000, B=8, P=64, R=64, dtype="float32")],
+        "full": [dict(H=256, L=4, V=32000, B=8, P=32, R=48, dtype="float32")],
         "gpu": [dict(H=1024, L=8, V=32000, B=32, P=128, R=256, dtype="bfloat16")],
     }
 

@@ -5,6 +5,9 @@ Accepted lines:
     RM       {"prompt": str, "chosen": str, "rejected": str}
              {"prompt": str, "response": str, "score": number}        (a rating)
     prompts  {"prompt": str}   or   {"messages": [...]}   (a trailing assistant turn is dropped)
+Any ``prompt`` record may add {"system": str}: a system message before the user turn.
+Reward-model sequences are ``reward_ids``: rendered prompt + response + EOS, read at the EOS,
+the same layout a PPO rollout is scored in.
 
 Every error names the file and line. Text is rendered with ``apply_chat_template`` and
 each piece tokenized separately, so we know exactly which tokens belong to the
@@ -114,8 +117,7 @@ def load_sft_dataset(path, tokenizer, max_length: int) -> list[SFTExample]:
         if "messages" in rec:
             msgs = _messages(rec, where)
         elif "prompt" in rec and "response" in rec:
-            msgs = [{"role": "user", "content": _text(rec, "prompt", where)},
-                    {"role": "assistant", "content": _text(rec, "response", where)}]
+            msgs = prompt_messages(rec, where) + [{"role": "assistant", "content": _text(rec, "response", where)}]
         else:
             raise ValueError(f"{where}: expected {{'prompt', 'response'}} or {{'messages'}}, got keys {sorted(rec)}")
         if not any(m["role"] == "assistant" for m in msgs):
@@ -141,29 +143,59 @@ class Rating:
     score: float
 
 
-def _chat_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
-    ids, _ = encode_conversation(tokenizer, [{"role": "user", "content": prompt},
-                                             {"role": "assistant", "content": response}])
+def prompt_messages(record: dict, where: str) -> list[dict]:
+    """The chat a record's response answers: its ``messages`` (a trailing assistant turn
+    dropped), or an optional ``system`` message plus the ``prompt`` as the user turn."""
+    if "messages" in record:
+        msgs = _messages(record, where)
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        if not msgs:
+            raise ValueError(f"{where}: no prompt left after dropping the assistant turn")
+        return msgs
+    msgs = [{"role": "system", "content": _text(record, "system", where)}] if "system" in record else []
+    return msgs + [{"role": "user", "content": _text(record, "prompt", where) if "prompt" in record else ""}]
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn (and stops generation): the tokenizer's EOS."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; the reward model reads its score at the EOS")
+    return tokenizer.eos_token_id
+
+
+def reward_ids(tokenizer, messages: list[dict], response: str, max_length: int) -> list[int]:
+    """The ONE token layout the reward model is trained on and scored with (RM training,
+    PPO rollouts, evaluations): the rendered prompt (generation prompt included) + the
+    response's tokens + one EOS, the score being read at that EOS. This is exactly what the
+    policy produces in a rollout (a truncated completion gets the EOS appended), and not the
+    template's full rendering, which may add tokens after the EOS (ChatML: a newline)."""
+    ids = encode_prompt(tokenizer, messages) + _encode(tokenizer, response) + [end_of_turn_id(tokenizer)]
     return ids[-max_length:]  # keep the end: the reward is read at the last token
 
 
+def _chat_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+    return reward_ids(tokenizer, [{"role": "user", "content": prompt}], response, max_length)
+
+
 def load_reward_dataset(path, tokenizer, max_length: int, *, allow_empty: bool = False):
-    """Pairs and ratings from one JSONL file (lines of either kind may be mixed)."""
+    """Pairs and ratings from one JSONL file (lines of either kind may be mixed); the
+    context is ``prompt`` (with an optional ``system``) or ``messages``."""
     pairs, ratings = [], []
     if path is None:
         return pairs, ratings
     for lineno, rec in read_jsonl(path):
         where = _where(path, lineno)
         if "chosen" in rec and "rejected" in rec:
-            prompt = _text(rec, "prompt", where) if "prompt" in rec else ""
-            pairs.append(PreferencePair(_chat_ids(tokenizer, prompt, _text(rec, "chosen", where), max_length),
-                                        _chat_ids(tokenizer, prompt, _text(rec, "rejected", where), max_length)))
+            msgs = prompt_messages(rec, where)
+            pairs.append(PreferencePair(reward_ids(tokenizer, msgs, _text(rec, "chosen", where), max_length),
+                                        reward_ids(tokenizer, msgs, _text(rec, "rejected", where), max_length)))
         elif "response" in rec and "score" in rec:
             score = rec["score"]
             if isinstance(score, bool) or not isinstance(score, (int, float)):
                 raise ValueError(f"{where}: 'score' must be a number, got {score!r}")
-            prompt = _text(rec, "prompt", where) if "prompt" in rec else ""
-            ratings.append(Rating(_chat_ids(tokenizer, prompt, _text(rec, "response", where), max_length), float(score)))
+            msgs = prompt_messages(rec, where)
+            ratings.append(Rating(reward_ids(tokenizer, msgs, _text(rec, "response", where), max_length), float(score)))
         else:
             raise ValueError(f"{where}: expected {{'prompt', 'chosen', 'rejected'}} or "
                              f"{{'prompt', 'response', 'score'}}, got keys {sorted(rec)}")
@@ -181,16 +213,9 @@ def load_prompts(path, tokenizer, max_length: int) -> list[Prompt]:
     prompts = []
     for lineno, rec in read_jsonl(path):
         where = _where(path, lineno)
-        if "messages" in rec:
-            msgs = _messages(rec, where)
-            if msgs[-1]["role"] == "assistant":
-                msgs = msgs[:-1]
-            if not msgs:
-                raise ValueError(f"{where}: no prompt left after dropping the assistant turn")
-        elif "prompt" in rec:
-            msgs = [{"role": "user", "content": _text(rec, "prompt", where)}]
-        else:
+        if "messages" not in rec and "prompt" not in rec:
             raise ValueError(f"{where}: expected {{'prompt'}} or {{'messages'}}, got keys {sorted(rec)}")
+        msgs = prompt_messages(rec, where)
         ids = encode_prompt(tokenizer, msgs)[-max_length:]  # keep the end: the generation prompt
         raw = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), msgs[-1]["content"])
         prompts.append(Prompt(raw, _render(tokenizer, msgs, add_generation_prompt=True), ids))

@@ -56,6 +56,8 @@ class DemoPreset:
     n_ppo_prompts: int
     max_new_tokens: int  # for every evaluation and every sample
     eval_batch_size: int
+    n_synthetic_prompts: int = 0  # training prompts with a synthetic (ideal vs near-miss) pair each
+    pref_max_pairs: int = 4  # on-policy pairs per annotated prompt
     engine: dict = field(default_factory=dict)
 
 
@@ -148,7 +150,8 @@ def compare(before: list[dict], after: list[dict], seed: int = 0) -> dict:
     return {"accuracy_diff": acc[0], "accuracy_diff_ci95": [acc[1], acc[2]],
             "reward_diff": rew[0], "reward_diff_ci95": [rew[1], rew[2]],
             "prompts_gained": gained, "prompts_lost": lost, "mcnemar_p": p,
-            "significant": bool(acc[1] > 0 or rew[1] > 0)}
+            "significant": bool(acc[1] > 0 or rew[1] > 0),  # an improvement beyond noise
+            "significant_decrease": bool(acc[2] < 0 or rew[2] < 0)}
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -200,8 +203,13 @@ def dequantized_copy(gguf_path: str, cache_dir: str | None = None) -> tuple[str,
     return str(out), True
 
 
+# A short system message: the template's default one ("You are a helpful AI assistant named
+# SmolLM, trained by Hugging Face") is 13 tokens longer, on every sample, score and update.
+SYSTEM = "Answer briefly."
+
+
 def _chat(prompt: str) -> list[dict]:
-    return [{"role": "user", "content": prompt}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 
 
 def _decode(tok, completion_ids, eos_ids: list[int]) -> list[str]:
@@ -246,27 +254,16 @@ def generate(backbone, prompts: list[str], adapter: str | None, *, max_new_token
 
 
 def reward_model_scores(backbone, prompts: list[str], completions: list[str], *, batch_size: int,
-                        max_length: int, layout: str = "rollout") -> list[float]:
-    """The learned reward model's score of each (prompt, completion).
-
-    ``layout="rollout"`` lays the tokens out as PPO scores them (rendered prompt + the
-    completion's tokens + EOS, read at the EOS); ``"training"`` as the reward model was trained
-    (the whole chat rendered by the template, read at its last token, which for ChatML
-    templates is the newline after ``<|im_end|>``).
-    """
+                        max_length: int) -> list[float]:
+    """The learned reward model's score of each (prompt, completion), in the one layout it is
+    trained on and PPO scores with (``data.reward_ids``: rendered prompt + completion + EOS,
+    read at the EOS)."""
     import torch
 
-    from .data import _chat_ids, encode_prompt, pad
+    from .data import pad, reward_ids
 
     tok = backbone.tokenizer
-    if layout == "rollout":
-        eos = backbone.eos_token_ids()[0] if tok.eos_token_id is None else tok.eos_token_id
-        seqs = [(encode_prompt(tok, _chat(p)) + tok(c, add_special_tokens=False)["input_ids"] + [eos])[-max_length:]
-                for p, c in zip(prompts, completions)]
-    elif layout == "training":
-        seqs = [_chat_ids(tok, p, c, max_length) for p, c in zip(prompts, completions)]
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
+    seqs = [reward_ids(tok, _chat(p), c, max_length) for p, c in zip(prompts, completions)]
     scores: list[float] = []
     backbone.train(False)
     with torch.no_grad():
@@ -410,7 +407,8 @@ def render(summary: dict) -> tuple[str, object]:
         table.add_row(r["stage"], str(r["n"]), acc, rew, rm, fp)
     lines = []
     for name, c in summary["comparisons"].items():
-        verdict = "beyond noise" if c["significant"] else "NOT beyond noise"
+        verdict = ("improvement beyond noise" if c["significant"] else
+                   "WORSE beyond noise" if c.get("significant_decrease") else "no improvement beyond noise")
         lines.append(f"{name}: accuracy {c['accuracy_diff']:+.1%} (95% paired-bootstrap CI "
                      f"[{c['accuracy_diff_ci95'][0]:+.1%}, {c['accuracy_diff_ci95'][1]:+.1%}]), "
                      f"mean reward {c['reward_diff']:+.3f} (CI [{c['reward_diff_ci95'][0]:+.3f}, "
@@ -418,10 +416,10 @@ def render(summary: dict) -> tuple[str, object]:
                      f"{c['prompts_lost']}, McNemar exact p = {c['mcnemar_p']:.2g} -> {verdict}")
     rm = summary.get("reward_model", {})
     if rm:
-        lines.append(f"reward model: pairwise accuracy on held-out preference pairs "
+        lines.append(f"reward model ({rm.get('pairs')} pairs: {rm.get('on_policy_pairs')} on-policy + "
+                     f"{rm.get('synthetic_pairs')} synthetic): pairwise accuracy on its held-out preference pairs "
                      f"{rm.get('pair_eval_accuracy', float('nan')):.1%}; AUC of its score vs correctness on "
-                     f"the SFT policy's held-out answers {rm.get('heldout_auc', float('nan')):.2f} as PPO reads it "
-                     f"({rm.get('heldout_auc_training_layout', float('nan')):.2f} as it was trained)")
+                     f"the SFT policy's answers to the held-out eval prompts {rm.get('heldout_auc', float('nan')):.2f}")
     lines.append(f"wall time {summary['wall_time_s'] / 60:.1f} min; run directory {summary['run_dir']}")
     md += [""] + [f"- {line}" for line in lines]
     md += ["", "### Examples (held-out prompts)", ""]
@@ -487,15 +485,17 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     # ------------------------------------------------------------------ data
     heldout = task.heldout_prompts(preset.n_eval)
-    n_train = preset.n_sft + preset.n_pref_prompts + preset.n_ppo_prompts
-    train = task.train_prompts(n_train, seed=args.seed)  # disjoint slices for SFT, annotator, PPO
+    n_train = preset.n_sft + preset.n_pref_prompts + preset.n_synthetic_prompts + preset.n_ppo_prompts
+    train = task.train_prompts(n_train, seed=args.seed)  # disjoint slices: SFT, annotator, synthetic, PPO
     sft_prompts = train[: preset.n_sft]
     pref_prompts = train[preset.n_sft: preset.n_sft + preset.n_pref_prompts]
-    ppo_prompts = train[preset.n_sft + preset.n_pref_prompts:]
+    synth_prompts = train[preset.n_sft + preset.n_pref_prompts: n_train - preset.n_ppo_prompts]
+    ppo_prompts = train[n_train - preset.n_ppo_prompts:]
     data = run_dir / "data"
-    cfg.sft.data = str(write_jsonl(data / "sft.jsonl", [{"prompt": p, "response": task.ideal_response(p)}
-                                                       for p in sft_prompts]))
-    cfg.ppo.prompts = str(write_jsonl(data / "ppo_prompts.jsonl", [{"prompt": p} for p in ppo_prompts]))
+    cfg.sft.data = str(write_jsonl(data / "sft.jsonl", [{"system": SYSTEM, "prompt": p,
+                                                        "response": task.ideal_response(p)} for p in sft_prompts]))
+    cfg.ppo.prompts = str(write_jsonl(data / "ppo_prompts.jsonl", [{"system": SYSTEM, "prompt": p}
+                                                                  for p in ppo_prompts]))
     write_jsonl(data / "heldout_prompts.jsonl", [{"prompt": p, "answers": [x.answer for x in task.problems_in(p)]}
                                                  for p in heldout])
     assert not set(heldout) & set(train), "held-out prompts leaked into training"
@@ -511,7 +511,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     t = tick("eval_base", t)
 
     # ------------------------------------------------------------------ 1. SFT
-    print(f"[demo] 1/4 SFT on {len(sft_prompts)} generated pairs, {cfg.sft.max_steps} steps")
+    print(f"[demo] 1/4 SFT on {len(sft_prompts)} generated pairs, {cfg.sft.max_steps} steps x "
+          f"{cfg.sft.batch_size}: deliberately short, so SFT teaches the answer FORMAT and leaves "
+          "headroom on correctness for RL to improve")
     results = {"sft": train_sft(cfg)}
     t = tick("sft", t)
     backbone.load_adapter_state_dict("sft", load_safetensors(latest_checkpoint(run_dir / "sft")
@@ -529,7 +531,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     for i, p in enumerate(pref_prompts):
         group = samples[i * preset.pref_samples: (i + 1) * preset.pref_samples]
         annotated += [{"prompt": p, "completion": c, "rank_key": list(task.rank_key(p, c))} for c in group]
-        pairs += task.preference_pairs(p, group, max_pairs=4)
+        pairs += task.preference_pairs(p, group, max_pairs=preset.pref_max_pairs)
     write_jsonl(data / "annotated_samples.jsonl", annotated)
     pair_kind = "correctness"
     if not pairs:  # e.g. the random tiny model, never right: fall back on the rater's tie-breaks
@@ -541,7 +543,14 @@ def run_demo(args: argparse.Namespace) -> dict:
             pairs += task.preference_pairs(p, group, max_pairs=1, correctness_only=False)
     if not pairs:
         raise RuntimeError("the annotator could not rank any sampled answers; sample more")
-    cfg.rm.data = str(write_jsonl(data / "prefs.jsonl", pairs))
+    n_on_policy = len(pairs)
+    rng = random.Random(args.seed)
+    synthetic = [pair for p in synth_prompts for pair in task.synthetic_pairs(p, rng)]
+    pairs = pairs + synthetic
+    random.Random(args.seed + 1).shuffle(pairs)  # the RM's held-out share mixes both kinds
+    print(f"[demo] {n_on_policy} on-policy pairs (sampled answers ranked by the annotator) + {len(synthetic)} "
+          f"synthetic pairs (the ideal answer vs a near miss, ranked by the same rater)")
+    cfg.rm.data = str(write_jsonl(data / "prefs.jsonl", [{"system": SYSTEM, **pair} for pair in pairs]))
     sample_acc = sum(task.is_correct(a["prompt"], a["completion"]) for a in annotated) / len(annotated)
     t = tick("preference_data", t)
 
@@ -560,10 +569,6 @@ def run_demo(args: argparse.Namespace) -> dict:
         for r, s in zip(evals[stage], scores):
             r["rm_score"] = s
     heldout_auc = auc([r["rm_score"] for r in evals["sft"]], [r["correct"] for r in evals["sft"]])
-    train_layout = reward_model_scores(backbone, heldout, [r["completion"] for r in evals["sft"]],
-                                       batch_size=cfg.ppo.score_batch_size, max_length=cfg.rm.max_length,
-                                       layout="training")
-    heldout_auc_training_layout = auc(train_layout, [r["correct"] for r in evals["sft"]])
     t = tick("rm_scoring", t)
 
     # ------------------------------------------------------------------ 4. PPO
@@ -598,9 +603,11 @@ def run_demo(args: argparse.Namespace) -> dict:
                          "exact test on discordant prompts; Wilson 95% CI per stage. 'beyond noise' = the "
                          "bootstrap CI of the accuracy or reward difference excludes 0."),
         "reward_model": {"pairs": len(pairs), "pair_kind": pair_kind, "pair_eval_accuracy": results["rm"].get("eval_accuracy"),
-                         "heldout_auc": heldout_auc, "heldout_auc_training_layout": heldout_auc_training_layout, "annotated_samples": len(annotated),
+                         "on_policy_pairs": n_on_policy, "synthetic_pairs": len(pairs) - n_on_policy,
+                         "heldout_auc": heldout_auc, "annotated_samples": len(annotated),
                          "sampled_answer_accuracy": sample_acc},
         "data": {"heldout_prompts": len(heldout), "sft_pairs": len(sft_prompts), "annotator_prompts": len(pref_prompts),
+                 "synthetic_pair_prompts": len(synth_prompts), "system_prompt": SYSTEM,
                  "samples_per_prompt": preset.pref_samples, "ppo_prompts": len(ppo_prompts),
                  "max_new_tokens": preset.max_new_tokens},
         "engine_results": results,

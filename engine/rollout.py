@@ -11,7 +11,9 @@ states that predicted completion tokens: log-probs, entropies and values all liv
 
     policy    ("policy" adapter)        -> log-probs, entropy, values (value head), one pass
     reference (``sft`` or bare base)    -> log-probs
-    reward    ("reward" adapter + head) -> one score per sequence, or a Python reward_fn
+    reward    ("reward" adapter + head) -> one score per sequence, or a Python reward_fn;
+              the reward model reads each sequence in ITS training layout (``reward_layout``:
+              prompt + completion + EOS, read at the EOS), the same as ``data.reward_ids``
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from .data import Prompt, pad
+from .data import Prompt, end_of_turn_id, pad
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -101,13 +103,36 @@ def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn:
         if val is not None:
             vals.append(val)
         if reward_fn is None:
-            scores.append(backbone.reward_scores(ids, attn).float())
+            r_ids, r_attn = reward_layout(ids, attn, mask[i: i + batch_size], P, backbone.eos_token_ids(),
+                                          end_of_turn_id(backbone.tokenizer), backbone.tokenizer.pad_token_id)
+            scores.append(backbone.reward_scores(r_ids, r_attn).float())
     backbone.train(was_training)
 
     ro.logp, ro.entropy, ro.ref_logp = (torch.cat(x) * mask for x in (logps, ents, refs))
     ro.values = torch.cat(vals) * mask if vals else None
     ro.scores = torch.cat(scores) if reward_fn is None else call_reward_fn(reward_fn, ro, device=mask.device)
     return ro
+
+
+def reward_layout(input_ids, attention_mask, response_mask, prompt_len: int, eos_ids: list[int],
+                  end_of_turn: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rollout batch in the reward model's layout (``data.reward_ids``): prompt + the
+    completion's tokens before its first EOS + ``end_of_turn``, the last real token. A
+    completion cut at max_new_tokens gets the EOS appended (one extra column), one that
+    stopped on another EOS id has it replaced, so the reward model reads every answer
+    exactly as it was trained to, never mid-answer nor on a token training never ended on."""
+    P = prompt_len
+    completion = input_ids[:, P:]
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
+    n_tok = (response_mask.bool() & ~is_eos).long().sum(1)  # tokens before the first EOS
+    B, R = completion.shape
+    cols = torch.arange(R + 1, device=input_ids.device).expand(B, R + 1)
+    new = torch.cat([completion, completion.new_full((B, 1), pad_id)], 1)
+    keep = cols < n_tok[:, None]
+    new = torch.where(keep, new, torch.full_like(new, pad_id))
+    new = torch.where(cols == n_tok[:, None], torch.full_like(new, end_of_turn), new)
+    new_attn = (cols <= n_tok[:, None]).to(attention_mask.dtype)
+    return torch.cat([input_ids[:, :P], new], 1), torch.cat([attention_mask[:, :P], new_attn], 1)
 
 
 def call_reward_fn(reward_fn: RewardFn, ro: Rollout, device) -> torch.Tensor:

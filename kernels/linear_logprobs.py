@@ -129,7 +129,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         bias: optional [V] LM-head bias.
         temperature: divides the logits before the softmax (> 0).
         return_entropy: also return the entropy of the softmax.
-        chunk_size: tokens per chunk (default: sized so a chunk's logits stay ~16 MB on CPU,
+        chunk_size: tokens per chunk (default: sized so a chunk's logits stay ~16 MB (fp32) on CPU,
             ~128 MB on a GPU).
 
     Returns:

@@ -190,3 +190,34 @@ def preference_pairs(prompt: str, completions: list[str], *, max_pairs: int = 4,
         candidates.append(((ki[0] - kj[0], ki[1] - kj[1]), ci, cj))
     candidates.sort(key=lambda t: t[0], reverse=True)  # stable: ties keep the rank order
     return [{"prompt": prompt, "chosen": ci, "rejected": cj} for _, ci, cj in candidates[:max_pairs]]
+
+
+def synthetic_pairs(prompt: str, rng: random.Random, *, n: int = 1) -> list[dict]:
+    """Cheap preference pairs the scripted rater can rank without sampling the policy: the
+    ideal answer (chosen) against a near miss (rejected): mostly the same answer with ONE
+    result off by 1-3 (the distinction the reward model must learn), sometimes both results
+    off, sometimes the answer cut short. On-policy pairs (sampled answers) complement these
+    so the reward model also sees what the policy writes."""
+    p, q = problems_in(prompt)
+    chosen = ideal_response(prompt)
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        ra, rb = p.answer, q.answer
+
+        def off(x: int) -> int:
+            return max(0, x + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if x + d >= 0]))
+
+        if kind < 0.75:  # one result wrong
+            if rng.random() < 0.5:
+                ra = off(ra)
+            else:
+                rb = off(rb)
+            rejected = f"{p} = {ra} and {q} = {rb}."
+        elif kind < 0.9:  # both wrong
+            rejected = f"{p} = {off(ra)} and {q} = {off(rb)}."
+        else:  # cut short
+            rejected = rng.choice([f"{p} = {ra} and {q} =", f"{p} = {ra}", f"{p} = {ra} and"])
+        assert rank_key(prompt, chosen) > rank_key(prompt, rejected)
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
