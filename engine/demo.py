@@ -8,11 +8,15 @@ base model answers with riddles and jokes. The demo
 
     0. evaluates the base model on held-out prompts (greedy, exact answers)
     1. SFT      on generated pairs ("What's 4-2 and 3-1?", "4-2 = 2 and 3-1 = 2.")
-                (deliberately short: it teaches the format, not every sum)
+                (deliberately short: SFT teaches the answer format and leaves headroom on
+                correctness, which is what RL is then asked to improve)
     2. samples  several answers per training prompt from the SFT policy; a scripted
                 annotator ranks them by correctness (standing in for human raters) and
-                writes (chosen, rejected) preference pairs
-    3. RM       trains the ``reward`` adapter + head on those pairs (Bradley-Terry)
+                writes (chosen, rejected) preference pairs; the same rater also ranks cheap
+                synthetic pairs on other training prompts (the ideal answer vs a near miss
+                with one number off), so the reward model sees hundreds of pairs
+    3. RM       trains the ``reward`` adapter + head on those pairs (Bradley-Terry); it reads
+                every sequence as PPO will: rendered prompt + answer + EOS, scored at the EOS
     4. PPO      optimises the policy against the LEARNED reward model (the scripted
                 grader is never PPO's reward; it is only the evaluation metric)
 
@@ -62,25 +66,30 @@ class DemoPreset:
 
 
 PRESETS = {
-    # sized for a 2-core CPU (see the timings in demo_summary.json): ~10 minutes when the
-    # CPU is not shared. Costs per sequence of ~58 tokens, 1 thread: forward 0.2 s, forward+
-    # backward 0.5 s, 20-token greedy generation 0.3 s; PPO dominates (3 scoring forwards).
+    # sized for a 2-core CPU (timings and CPU time land in demo_summary.json): measured 15.0 min
+    # wall / 14.8 CPU-min with --threads 1 on a 2-core box shared with another job (load ~3);
+    # the stages themselves are single-threaded-friendly. Cost ~ tokens through the model: one ~46-token
+    # sequence (short system prompt + prompt + 16-token answer) is ~0.15 s of forward on one
+    # core, 3x that with backward; PPO (sample + 3 scoring passes + update) dominates.
+    # SFT is deliberately short (it teaches the answer FORMAT; correctness is left for RL to
+    # improve). The reward model learns from on-policy pairs (sampled SFT answers ranked by the
+    # scripted annotator) plus cheap synthetic ones (ideal answer vs a near miss).
     "smollm2": DemoPreset(
-        model="smollm2", n_eval=192, n_sft=160, n_pref_prompts=128, pref_samples=4, pref_temperature=1.0,
-        n_ppo_prompts=320, max_new_tokens=20, eval_batch_size=64,
+        model="smollm2", n_eval=192, n_sft=160, n_pref_prompts=96, pref_samples=4, pref_temperature=1.0,
+        n_ppo_prompts=320, max_new_tokens=20, eval_batch_size=64, n_synthetic_prompts=160, pref_max_pairs=2,
         engine={
             "model.lora_r": 8, "model.lora_alpha": 16,
-            "sft.batch_size": 16, "sft.max_steps": 10, "sft.lr": 5e-4, "sft.max_length": 128,
-            "rm.batch_size": 8, "rm.epochs": 2, "rm.lr": 5e-4, "rm.max_length": 128, "rm.eval_fraction": 0.1,
-            "ppo.max_steps": 10, "ppo.batch_size": 8, "ppo.n_samples": 4, "ppo.advantage": "rloo",
+            "sft.batch_size": 16, "sft.max_steps": 4, "sft.lr": 5e-4, "sft.max_length": 128,
+            "rm.batch_size": 8, "rm.epochs": 1, "rm.lr": 1e-3, "rm.max_length": 128, "rm.eval_fraction": 0.15,
+            "ppo.max_steps": 12, "ppo.batch_size": 8, "ppo.n_samples": 4, "ppo.advantage": "rloo",
             "ppo.max_new_tokens": 20, "ppo.temperature": 1.0, "ppo.ppo_epochs": 1, "ppo.minibatch_size": 8,
-            "ppo.lr": 2e-4, "ppo.kl_coef": 0.02, "ppo.max_prompt_length": 128, "ppo.score_batch_size": 32,
+            "ppo.lr": 2e-4, "ppo.kl_coef": 0.05, "ppo.max_prompt_length": 128, "ppo.score_batch_size": 32,
             "save_every": 1000, "sample_every": 2,
         }),
     # a random 2-layer model: checks the plumbing, not the learning (CI, < 2 minutes)
     "tiny": DemoPreset(
         model="tiny", n_eval=12, n_sft=32, n_pref_prompts=6, pref_samples=4, pref_temperature=1.0,
-        n_ppo_prompts=16, max_new_tokens=16, eval_batch_size=12,
+        n_ppo_prompts=16, max_new_tokens=16, eval_batch_size=12, n_synthetic_prompts=8,
         engine={
             "sft.batch_size": 8, "sft.max_steps": 4, "sft.lr": 1e-3, "sft.max_length": 256,
             "rm.batch_size": 8, "rm.epochs": 1, "rm.lr": 1e-3, "rm.max_length": 256,
