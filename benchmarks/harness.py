@@ -32,11 +32,12 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 OPS = ("logprobs", "linear_logprobs", "gae", "ppo_loss", "ppo_step")
 PRESETS = ("quick", "full", "target", "gpu")
 MB = 1 << 20
+MEMORY_FLOOR = 64 << 10  # bytes: smaller peak-extra readings are at the measurement's noise floor
 
 
 # --------------------------------------------------------------------------- op specs
@@ -799,7 +800,8 @@ def ratio_rows(results: list[dict]) -> list[dict]:
                 continue
             speed = m["time_s"] / pm["time_s"] if pm["time_s"] > 0 else math.inf
             pb, bb = pm.get("peak_extra_bytes"), m.get("peak_extra_bytes")
-            mem_ratio = pb / bb if pb is not None and bb else None
+            # below ~64 KiB the RSS measurement is at its floor (pages, allocator slack): no ratio
+            mem_ratio = pb / bb if pb is not None and bb is not None and bb >= MEMORY_FLOOR else None
             rows.append({
                 "op": op, "size": pr["size"], "label": pr.get("label", ""), "mode": mode,
                 "device": dev, "baseline": impl, "kind": r.get("kind", "baseline"),
@@ -852,18 +854,6 @@ def evaluate_targets(targets: list[Target], ratios: list[dict]) -> list[dict]:
                          + ("" if ok or got is None else f"; over by {got / limit:.2f}x"))
         out.append(entry)
     return out
-
-
-@dataclass
-class RunConfig:
-    ops: list[str] = field(default_factory=lambda: list(OPS))
-    preset: str = "full"
-    device: str = "cpu"
-    backend: str = "auto"
-    extra_backends: list[str] = field(default_factory=list)
-    threads: int | None = None
-    isolate: bool = True
-    timeout_s: float = 900
 
 
 def describe_backend(backend: str, device: str) -> str:

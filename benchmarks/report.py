@@ -129,7 +129,7 @@ def _machine_lines(data: dict) -> list[str]:
     if m.get("loadavg_at_end") is not None:
         lines.append(f"- **Load average at end**: {m['loadavg_at_end']}")
     threads = data["config"].get("threads")
-    lines.append(f"- **Run**: {data['generated']}, preset `{data['config'].get('preset')}`, "
+    lines.append(f"- **Run** (finished): {data['generated']}, preset `{data['config'].get('preset')}`, "
                  f"device `{data['config'].get('device')}`, torch threads per case: "
                  f"{threads if threads else 'default (' + str(m.get('torch_threads')) + ')'}, "
                  f"wall time {data['config'].get('elapsed_s')} s")
@@ -169,7 +169,8 @@ def markdown(data: dict) -> str:
     out += ["## rlfuse vs each baseline",
             "",
             "Time ratio = baseline time / rlfuse time (>1: rlfuse faster). Memory ratio = rlfuse peak extra / "
-            "baseline peak extra (<1: rlfuse uses less).",
+            "baseline peak extra (<1: rlfuse uses less; '-' where the baseline's peak extra is below the "
+            "64 KiB measurement floor).",
             "",
             "| time ratio | memory ratio | op | size | mode | vs | kind | rlfuse time | baseline time "
             "| rlfuse peak extra | baseline peak extra |",
