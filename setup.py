@@ -97,7 +97,8 @@ ext_modules, cmdclass = _extensions()
 setup(
     package_dir=PACKAGE_DIR,
     packages=_packages(),
-    package_data={"rlfuse.engine": ["presets/*.yaml"], "rlfuse.benchmarks": ["results/*.md"]},
+    package_data={"rlfuse.engine": ["presets/*.yaml"], "rlfuse.engine.label": ["page.html"],
+                  "rlfuse.benchmarks": ["results/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

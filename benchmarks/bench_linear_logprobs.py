@@ -16,7 +16,7 @@ fwd is the scoring path (no_grad); fwd+bwd back-propagates sum(logp) into hidden
 from __future__ import annotations
 
 from . import baselines as B
-from .harness import OpBench, Target, random_normal
+from .spec import GB, OpBench, Target, random_normal
 
 
 def _dtype(name: str):
@@ -58,6 +58,11 @@ class LinearLogprobsBench(OpBench):
         Target("linear_logprobs", _gpu_target, "fwd+bwd", "liger_flce", "speedup", 1.0,
                "GPU: linear_logprobs bf16 fwd+bwd vs Liger FLCE (Liger's published SM90 figure: 104.8 ms)",
                device="cuda"),
+        Target("linear_logprobs", _gpu_target, "fwd+bwd", "", "max_time", 0.100,
+               "GPU: linear_logprobs bf16 fwd+bwd <= 100 ms (N=16384, H=4096, V=128256)", device="cuda"),
+        Target("linear_logprobs", _gpu_target, "fwd+bwd", "", "max_extra_memory", 1e9,
+               "GPU: linear_logprobs bf16 fwd+bwd <= 1 GB extra beyond the weight gradient", device="cuda",
+               allowance_bytes=128256 * 4096 * 2),
     )
 
     def unavailable(self, impl, device):
@@ -97,10 +102,27 @@ class LinearLogprobsBench(OpBench):
     def grad_targets(self, inp):
         return [inp["hidden"], inp["weight"]]
 
+    def bytes_moved(self, size, mode):
+        # forward: hidden [N, H] and W [V, H] read once, labels read, log-probs written. fwd+bwd
+        # as an autograd op: the backward reads hidden and W again and writes both gradients.
+        n, h, v, e = int(size["N"]), int(size["H"]), int(size["V"]), _itemsize(size["dtype"])
+        rows = n * (8 + 4)
+        return (n * h + v * h) * e + rows if mode == "fwd" else 3 * (n * h + v * h) * e + 2 * rows
+
+    def flops(self, size, mode):
+        # the logits matmul (2NHV); the backward adds dH = dZ W and dW = dZ^T H (4NHV). A kernel
+        # that recomputes the logits in its backward does 8NHV: the extra 2NHV is its own choice.
+        n, h, v = int(size["N"]), int(size["H"]), int(size["V"])
+        return 2.0 * n * h * v * (1 if mode == "fwd" else 3)
+
+
+def _itemsize(dtype_name: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype_name]
+
 
 BENCH = LinearLogprobsBench()
 
 
 def test_linear_logprobs(benchmark, bench_case):
-    from .harness import run_benchmark
+    from .pytest_bridge import run_benchmark
     run_benchmark(benchmark, bench_case)

@@ -14,8 +14,8 @@ Sequences are 1024 tokens long (the batch is N/1024 rows) unless N < 1024.
 
 from __future__ import annotations
 
-from .harness import OpBench, Target, random_normal
 from . import baselines as B
+from .spec import OpBench, Target, random_normal
 
 
 def _dtype(name: str):
@@ -49,9 +49,16 @@ class LogprobsBench(OpBench):
                "speedup", 1.5, "logprobs fwd+bwd >= 1.5x faster than log_softmax+gather (N=4096, V=32000, fp32)"),
         Target("logprobs", dict(N=4096, V=32000, dtype="float32"), "fwd+bwd", "log_softmax_gather",
                "memory_lower", 1.0, "logprobs fwd+bwd lower peak memory than log_softmax+gather"),
+        # roofline (roofline.py): fractions of the bandwidth floor measured in the same run
+        Target("logprobs", dict(N=4096, V=32000, dtype="float32"), "fwd", "", "floor_fraction", 0.6,
+               "logprobs fwd >= 60% of the memory-bandwidth floor (N=4096, V=32000, fp32)"),
+        Target("logprobs", dict(N=4096, V=32000, dtype="float32"), "fwd+bwd", "", "floor_fraction", 0.5,
+               "logprobs fwd+bwd <= 2x the memory-bandwidth floor (N=4096, V=32000, fp32)"),
         Target("logprobs", dict(N=16384, V=128256, dtype="bfloat16"), "fwd+bwd", "log_softmax_gather",
                "speedup", 1.0, "GPU: logprobs bf16 fwd+bwd vs log_softmax+gather eager (N=16384, V=128256)",
                device="cuda"),
+        Target("logprobs", dict(N=16384, V=128256, dtype="bfloat16"), "fwd", "", "floor_fraction", 0.8,
+               "GPU: logprobs bf16 fwd >= 80% of HBM bandwidth (N=16384, V=128256)", device="cuda"),
     )
 
     def unavailable(self, impl, device):
@@ -92,21 +99,22 @@ class LogprobsBench(OpBench):
     def grad_targets(self, inp):
         return [inp["logits"]]
 
-    def extras(self, impl, inp, mode, time_s, device):
-        if device.type != "cuda" or mode != "fwd":
-            return {}
-        from .harness import device_copy_bandwidth
-        logits = inp["logits"]
-        moved = logits.numel() * logits.element_size() + inp["labels"].numel() * 8 + logits.shape[0] * logits.shape[1] * 4
-        achieved = moved / time_s / 1e9
-        copy_bw = device_copy_bandwidth(device)
-        return {"achieved_gbps": achieved, "device_copy_gbps": copy_bw,
-                "fraction_of_copy_bw": achieved / copy_bw if copy_bw else None}
+    def bytes_moved(self, size, mode):
+        # forward: logits read once, int64 labels read, float32 log-probs written. fwd+bwd as an
+        # autograd op: the backward reads the logits again (only the per-row logsumexp is saved)
+        # and writes the [N, V] gradient, and reads labels + the incoming gradient.
+        n, v, e = int(size["N"]), int(size["V"]), _itemsize(size["dtype"])
+        rows = n * (8 + 4)
+        return n * v * e + rows if mode == "fwd" else 3 * n * v * e + 2 * rows
+
+
+def _itemsize(dtype_name: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype_name]
 
 
 BENCH = LogprobsBench()
 
 
 def test_logprobs(benchmark, bench_case):
-    from .harness import run_benchmark
+    from .pytest_bridge import run_benchmark
     run_benchmark(benchmark, bench_case)

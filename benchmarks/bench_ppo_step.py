@@ -20,7 +20,8 @@ were built, since one copy of the base versus four is most of the difference.
 from __future__ import annotations
 
 from . import baselines as B
-from .harness import OpBench, current_memory
+from .measure import current_memory
+from .spec import OpBench
 
 KL_COEF = 0.05
 
@@ -65,7 +66,7 @@ class _TokenizerStub:
 class SharedBackboneStep:
     """One PPO iteration through rlfuse's engine API on one shared backbone."""
 
-    def __init__(self, size, device, dtype):
+    def __init__(self, size, device, dtype, base=None, quantized: bool = False):
         import torch
         from peft import get_peft_model
 
@@ -73,8 +74,9 @@ class SharedBackboneStep:
         from rlfuse.engine.config import PPOConfig
         from rlfuse.engine.optim import make_optimizer
 
-        model = get_peft_model(_make_base(size, device, dtype), _lora_config(), adapter_name="policy")
-        self.bb = Backbone(model, _TokenizerStub(), str(device), _lora_config(), size["H"], quantized=False)
+        base = base if base is not None else _make_base(size, device, dtype)
+        model = get_peft_model(base, _lora_config(), adapter_name="policy")
+        self.bb = Backbone(model, _TokenizerStub(), str(device), _lora_config(), size["H"], quantized=quantized)
         for name in ("sft", "reward"):
             self.bb.add_adapter(name)
         self.bb.reference_adapter = "sft"
@@ -86,7 +88,14 @@ class SharedBackboneStep:
                              max_new_tokens=size["R"], batch_size=size["B"])
         self.torch = torch
 
+    def _clock(self):
+        import time
+        if self.bb.device.type == "cuda":
+            self.torch.cuda.synchronize(self.bb.device)
+        return time.perf_counter()
+
     def step(self, prompt_ids):
+        """One iteration; returns the response tokens, the loss and each phase's seconds."""
         from rlfuse.engine.advantages import compute_advantages
         from rlfuse.engine.ppo import ppo_update
         from rlfuse.engine.rollout import Rollout, score_rollout
@@ -95,8 +104,10 @@ class SharedBackboneStep:
         bb, c = self.bb, self.cfg
         P = prompt_ids.shape[1]
         attn = torch.ones_like(prompt_ids)
+        t0 = self._clock()
         out = bb.generate(prompt_ids, attn, max_new_tokens=c.max_new_tokens, temperature=1.0, adapter="policy")
         completion = out[:, P:]
+        t1 = self._clock()
         resp = B.response_mask_after_eos(completion, bb.eos_token_ids())
         completion = completion.masked_fill(resp == 0, bb.tokenizer.pad_token_id)
         ro = Rollout(input_ids=torch.cat([prompt_ids, completion], 1), attention_mask=torch.cat([attn, resp], 1),
@@ -105,8 +116,11 @@ class SharedBackboneStep:
         score_rollout(bb, ro, temperature=1.0, reward_fn=None, with_values=True, batch_size=len(prompt_ids))
         adv, ret = compute_advantages(ro, estimator="gae", n_samples=1, kl_coef=KL_COEF, kl_in_loss=False,
                                       gamma=c.gamma, lam=c.lam, whiten=True)
+        t2 = self._clock()
         stats = ppo_update(bb, self.opt, ro, adv, ret, c, KL_COEF)
-        return {"tokens": int(ro.response_mask.sum()), "loss": stats.get("loss")}
+        t3 = self._clock()
+        return {"tokens": int(ro.response_mask.sum()), "loss": stats.get("loss"), "generate_s": t1 - t0,
+                "generated_tokens": int(completion.numel()), "score_s": t2 - t1, "update_s": t3 - t2}
 
 
 class PpoStepBench(OpBench):
@@ -201,5 +215,5 @@ BENCH = PpoStepBench()
 
 
 def test_ppo_step(benchmark, bench_case):
-    from .harness import run_benchmark
+    from .pytest_bridge import run_benchmark
     run_benchmark(benchmark, bench_case)

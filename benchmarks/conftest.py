@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import harness
+from . import analysis, harness
 
 
 def pytest_collection_finish(session):
@@ -89,15 +89,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not results:
         return
     tr = terminalreporter
-    ratios = harness.ratio_rows(results)
+    ratios = analysis.ratio_rows(results)
     tr.write_sep("=", "rlfuse vs baselines (time: baseline/rlfuse, >1 = rlfuse faster; "
                       "memory: rlfuse/baseline peak extra, <1 = rlfuse smaller)")
     for r in ratios:
         mem = "   n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:6.3f}"
         tr.write_line(f"{r['speedup']:7.2f}x  mem {mem}  {r['op']:<16} {r['label']:<28} "
                       f"{r['mode']:<8} vs {r['baseline']}")
+    floors = analysis.roofline_rows(results)
+    if floors:
+        tr.write_sep("-", "fraction of the memory-bandwidth floor (bytes the op must move / measured copy GB/s)")
+        for r in floors:
+            tr.write_line(f"{r['floor_fraction']:7.0%}  floor {r['floor_s'] * 1e3:8.2f} ms  {r['op']:<16} "
+                          f"{r['label']:<28} {r['mode']:<8} {r['impl']}")
     targets = [t for name in harness.OPS for t in harness.load_bench(name).targets]
-    evaluated = [e for e in harness.evaluate_targets(targets, ratios) if e["status"] != "not measured"]
+    evaluated = [e for e in analysis.evaluate_targets(targets, ratios, results) if e["status"] != "not measured"]
     if evaluated:
         tr.write_sep("-", "foundation targets")
         for e in evaluated:

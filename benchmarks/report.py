@@ -8,8 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from . import harness
-from .harness import MB
+from . import analysis
+from .spec import MB, OPS, load_bench, size_key
 
 SCHEMA = 1
 
@@ -62,12 +62,13 @@ def merge(previous: dict | None, current: dict) -> dict:
 
 def finalize(data: dict) -> dict:
     """Recompute ratios and target verdicts from the rows."""
-    data["ratios"] = harness.ratio_rows(data["results"])
+    data["ratios"] = analysis.ratio_rows(data["results"])
+    data["roofline"] = analysis.roofline_rows(data["results"])
     targets = []
     for op in data["ops"]:
         with _suppress():
-            targets += list(harness.load_bench(op).targets)
-    data["targets"] = harness.evaluate_targets(targets, data["ratios"])
+            targets += list(load_bench(op).targets)
+    data["targets"] = analysis.evaluate_targets(targets, data["ratios"], data["results"])
     return data
 
 
@@ -153,19 +154,7 @@ def markdown(data: dict) -> str:
         for t in targets:
             out.append(f"| **{t['status']}** | {t['text']} | {t.get('detail', '-')} | {t.get('backend') or '-'} |")
         out.append("")
-    bw = [(r, mode, m) for r in data["results"] if r["status"] == "ok"
-          for mode, m in r["modes"].items() if m.get("achieved_gbps") is not None]
-    if bw:
-        out += ["## GPU bandwidth (log-probs forward)", "",
-                "Bytes moved = logits read once + labels + float32 output; the reference is a measured "
-                "device-to-device copy (read + write) on the same GPU.", "",
-                "| op | size | impl | time | achieved GB/s | device copy GB/s | fraction |", "|---|---|---|---:|---:|---:|---:|"]
-        for r, mode, m in bw:
-            frac = m.get("fraction_of_copy_bw")
-            out.append(f"| {r['op']} {mode} | {r.get('label', '')} | {r['impl']} | {fmt_time(m['time_s'])} | "
-                       f"{m['achieved_gbps']:.0f} | {m.get('device_copy_gbps') or 0:.0f} | "
-                       f"{'-' if frac is None else f'{frac:.0%}'} |")
-        out.append("")
+    out += roofline_markdown(data)
     out += ["## rlfuse vs each baseline",
             "",
             "Time ratio = baseline time / rlfuse time (>1: rlfuse faster). Memory ratio = rlfuse peak extra / "
@@ -175,7 +164,7 @@ def markdown(data: dict) -> str:
             "| time ratio | memory ratio | op | size | mode | vs | kind | rlfuse time | baseline time "
             "| rlfuse peak extra | baseline peak extra |",
             "|---:|---:|---|---|---|---|---|---:|---:|---:|---:|"]
-    order = {op: i for i, op in enumerate(harness.OPS)}
+    order = {op: i for i, op in enumerate(OPS)}
     ratios = sorted(data.get("ratios", []), key=lambda r: (order.get(r["op"], 99), _size_order(data, r),
                                                            r["mode"], r["baseline"]))
     for r in ratios:
@@ -194,7 +183,8 @@ def markdown(data: dict) -> str:
         impl = r["impl"] + (f" ({r['backend']})" if r.get("backend") else "")
         for mode, m in r["modes"].items():
             extras = {k: v for k, v in m.items() if k not in (
-                "time_s", "time_min_s", "time_max_s", "reps", "warmup_s", "peak_extra_bytes", "memory_method")}
+                "time_s", "time_min_s", "time_max_s", "reps", "warmup_s", "peak_extra_bytes", "memory_method",
+                "bytes_moved", "copy_gbps", "floor_s", "floor_fraction", "achieved_gbps")}
             ex = ", ".join(f"{k}={_short(v)}" for k, v in extras.items())
             out.append(f"| {r['op']} | {r.get('label', '')} | {mode} | {impl} | {fmt_time(m['time_s'])} | "
                        f"{fmt_time(m.get('time_min_s'))} | {m.get('reps', '-')} | {fmt_time(m.get('warmup_s'))} | "
@@ -214,6 +204,40 @@ def markdown(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def fmt_fraction(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def roofline_markdown(data: dict) -> list[str]:
+    """The bandwidth-floor table: every timed row whose op declares the bytes it must move."""
+    rows = data.get("roofline") or []
+    if not rows:
+        return []
+    order = {op: i for i, op in enumerate(OPS)}
+    rows = sorted(rows, key=lambda r: (order.get(r["op"], 99), _size_order(data, r), r["mode"], not r["primary"],
+                                       r["impl"]))
+    gpu = any(r.get("tensor_core_fraction") is not None for r in rows)
+    bw = sorted({r["copy_gbps"] for r in rows if r.get("copy_gbps")})
+    out = ["## Roofline: fraction of the memory-bandwidth floor", "",
+           "Floor = the bytes the op must move (each op's `bytes_moved`: every input read and every output "
+           "written the fewest times its contract allows) / the bandwidth of a large copy measured in the same "
+           f"process (read + write; {', '.join(f'{b:.1f}' for b in bw)} GB/s). Fraction = floor / time: 100% is "
+           "copy speed; above 100% the data sat in cache."
+           + (" Tensor cores: the op's matrix FLOPs / time / the dense bf16 datasheet peak." if gpu else ""), "",
+           "| op | size | mode | impl | time | bytes moved | floor | fraction of floor | achieved GB/s"
+           + (" | tensor-core fraction |" if gpu else " |"),
+           "|---|---|---|---|---:|---:|---:|---:|---:" + ("|---:|" if gpu else "|")]
+    for r in rows:
+        impl = f"**{r['impl']}**" if r["primary"] else r["impl"]
+        line = (f"| {r['op']} | {r['label']} | {r['mode']} | {impl} | {fmt_time(r['time_s'])} | "
+                f"{fmt_mem(r['bytes_moved'])} | {fmt_time(r['floor_s'])} | **{fmt_fraction(r['floor_fraction'])}** | "
+                f"{r['achieved_gbps']:.1f} |")
+        if gpu:
+            line += f" {fmt_fraction(r.get('tensor_core_fraction'))} |"
+        out.append(line)
+    return out + [""]
+
+
 def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
@@ -222,9 +246,9 @@ def _short(v) -> str:
 
 def _size_order(data: dict, r: dict) -> int:
     sizes = data.get("ops", {}).get(r["op"], {}).get("sizes", [])
-    key = harness._size_key(r["size"])
+    key = size_key(r["size"])
     for i, s in enumerate(sizes):
-        if harness._size_key(s) == key:
+        if size_key(s) == key:
             return i
     return len(sizes)
 
@@ -244,13 +268,13 @@ def write_plots(out_dir: Path, data: dict) -> list[Path]:
         if not rows:
             continue
         sizes = data["ops"][op].get("sizes") or []
-        keys = [harness._size_key(s) for s in sizes]
+        keys = [size_key(s) for s in sizes]
         for r in rows:
-            k = harness._size_key(r["size"])
+            k = size_key(r["size"])
             if k not in keys:
                 keys.append(k)
                 sizes.append(r["size"])
-        present = {harness._size_key(r["size"]) for r in rows}
+        present = {size_key(r["size"]) for r in rows}
         idx = [i for i, k in enumerate(keys) if k in present]
         labels = [rows_label(rows, keys[i]) for i in idx]
         modes = [m for m in ("fwd", "fwd+bwd", "step") if any(m in r["modes"] for r in rows)]
@@ -266,7 +290,7 @@ def write_plots(out_dir: Path, data: dict) -> list[Path]:
                 for ii, impl in enumerate(impls):
                     xs, ys = [], []
                     for j, i in enumerate(idx):
-                        rr = [r for r in rows if r["impl"] == impl and harness._size_key(r["size"]) == keys[i]]
+                        rr = [r for r in rows if r["impl"] == impl and size_key(r["size"]) == keys[i]]
                         if rr and mode in rr[0]["modes"] and rr[0]["modes"][mode].get(metric) is not None:
                             xs.append(j)
                             ys.append(max(rr[0]["modes"][mode][metric] * scale, 1e-3))
@@ -301,7 +325,7 @@ def write_plots(out_dir: Path, data: dict) -> list[Path]:
 
 def rows_label(rows, key) -> str:
     for r in rows:
-        if harness._size_key(r["size"]) == key:
+        if size_key(r["size"]) == key:
             return r.get("label", "")
     return ""
 
@@ -341,6 +365,11 @@ def print_table(data: dict, console=None) -> None:
             continue
         color = "green" if t["status"] == "PASS" else "red"
         console.print(f"[{color}][{t['status']}][/] {t['text']}: {t.get('detail', '')}")
+    for r in data.get("roofline", []):
+        if r["primary"] and r["op"] in ran:
+            console.print(f"roofline: {r['op']} {r['label']} {r['mode']}: {fmt_fraction(r['floor_fraction'])} of the "
+                          f"bandwidth floor ({fmt_time(r['time_s'])} vs {fmt_time(r['floor_s'])} at "
+                          f"{r['copy_gbps']:.1f} GB/s)")
     bad = [r for r in data["results"] if r["status"] != "ok" and r["op"] in ran]
     for r in bad:
         console.print(f"[yellow]{r['status']}[/] {r['op']} {r.get('label', '')} {r['impl']}: "

@@ -6,6 +6,8 @@
     rlfuse bench --sizes target          # only the foundation targets' sizes
     rlfuse bench --sizes logprobs:N=8192,V=32000 gae:B=128,T=512
     rlfuse bench --gpu                   # force the GPU sizes (needs CUDA)
+    rlfuse bench --ops generate [ARGS]   # the sampler benchmark (bench_generate.main(ARGS))
+    rlfuse bench --ops e2e [ARGS]        # end-to-end GRPO step vs TRL (bench_e2e.main(ARGS))
     python -m rlfuse.benchmarks.runner --quick --out /tmp/bench
 
 Reports go to OUT/<machine>/ (OUT defaults to benchmarks/results); --quick runs to
@@ -20,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import harness, report
-from .harness import OPS, PRESETS
+from . import machine, measure, report
+from .spec import COMMAND_OPS, OPS, PRESETS, load_bench, size_key
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlfuse bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", nargs="+", metavar="OP",
-                   help=f"ops to run (space or comma separated; default all): {', '.join(OPS)}")
+                   help=f"ops to run (space or comma separated; default all): {', '.join(OPS)}; "
+                        f"or one of {', '.join(COMMAND_OPS)}, whose own options follow")
     p.add_argument("--sizes", nargs="+", metavar="SPEC",
                    help=f"a preset ({', '.join(PRESETS)}) or explicit sizes 'K=V,K=V' / 'op:K=V,...' "
                         "(missing keys come from the op's target size)")
@@ -77,14 +80,14 @@ def _parse_value(text: str):
 def resolve_sizes(specs: list[str] | None, ops: list[str], default_preset: str) -> tuple[str, dict]:
     """(preset name, {op: [size, ...]}) from the --sizes arguments."""
     if not specs:
-        return default_preset, {op: harness.load_bench(op).sizes(default_preset) for op in ops}
+        return default_preset, {op: load_bench(op).sizes(default_preset) for op in ops}
     preset = None
     explicit: dict[str, list[dict]] = {op: [] for op in ops}
     for spec in specs:
         if spec in PRESETS:
             preset = spec if preset is None else preset
             for op in ops:
-                explicit[op] += harness.load_bench(op).sizes(spec)
+                explicit[op] += load_bench(op).sizes(spec)
             continue
         op_name, _, body = spec.rpartition(":")
         pairs = dict(kv.split("=", 1) for kv in body.split(",") if "=" in kv)
@@ -93,7 +96,7 @@ def resolve_sizes(specs: list[str] | None, ops: list[str], default_preset: str) 
         for op in ([op_name] if op_name else ops):
             if op not in ops:
                 continue
-            bench = harness.load_bench(op)
+            bench = load_bench(op)
             base = bench.default_size()
             if op_name or set(pairs) <= set(base):
                 size = dict(base)
@@ -103,7 +106,7 @@ def resolve_sizes(specs: list[str] | None, ops: list[str], default_preset: str) 
     for op in ops:  # de-duplicate, keep order
         seen, uniq = set(), []
         for s in explicit[op]:
-            k = harness._size_key(s)
+            k = size_key(s)
             if k not in seen:
                 seen.add(k)
                 uniq.append(s)
@@ -111,9 +114,53 @@ def resolve_sizes(specs: list[str] | None, ops: list[str], default_preset: str) 
     return preset or default_preset, explicit
 
 
+def _command_op(argv: list[str]) -> tuple[str, list[str]] | None:
+    """(op, its own argv) when ``--ops`` names one of COMMAND_OPS, else None. The command op
+    gets every other argument, unparsed (``rlfuse bench --ops e2e --steps 3``)."""
+    known = set(OPS) | set(COMMAND_OPS)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--ops="):
+            values, end = [arg.split("=", 1)[1]], i + 1
+        elif arg == "--ops":
+            end = i + 1  # nargs="+": the values run up to the next option or unknown word
+            while end < len(argv) and not argv[end].startswith("-") and \
+                    all(x in known for x in argv[end].replace(",", " ").split()):
+                end += 1
+            values = argv[i + 1:end]
+        else:
+            continue
+        names = [x for v in values for x in v.replace(",", " ").split() if x]
+        hits = [n for n in names if n in COMMAND_OPS]
+        if not hits:
+            return None
+        if len(names) > 1:
+            raise SystemExit(f"rlfuse bench: --ops {hits[0]} runs alone (got --ops {' '.join(names)}): "
+                             "it has its own options")
+        return hits[0], argv[:i] + argv[end:]
+    return None
+
+
+def run_command_op(op: str, argv: list[str]) -> int:
+    """Dispatch to ``COMMAND_OPS[op]``'s ``main(argv) -> int``; one line when it is missing."""
+    import importlib
+    module = COMMAND_OPS[op]
+    try:
+        entry = importlib.import_module(module).main
+    except (ImportError, AttributeError) as exc:
+        print(f"rlfuse bench: --ops {op} needs {module}.main, which is not available here "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    return int(entry(argv) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    harness.drop_repo_root_from_path()  # before anything imports transformers (see there)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_op(argv)
+    if command is not None:
+        machine.drop_repo_root_from_path()
+        return run_command_op(*command)
+    args = build_parser().parse_args(argv)
+    machine.drop_repo_root_from_path()  # before anything imports transformers (see there)
     import torch
 
     ops = _split(args.ops) or list(OPS)
@@ -142,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlfuse bench: backend {backend!r} is not available here "
               f"({K.unavailable_reasons().get(backend, 'unknown')})", file=sys.stderr)
         return 2
-    backend_resolved = harness.describe_backend(backend, device)
+    backend_resolved = machine.describe_backend(backend, device)
     extra_impls = [f"rlfuse[{b}]" for b in _split(args.compare_backends) if b != backend_resolved]
-    policy = harness.TimingPolicy.for_preset(preset)
+    policy = measure.TimingPolicy.for_preset(preset)
 
     groups = []  # one per (op, size): its implementations are timed together, interleaved
     for op in ops:
-        bench = harness.load_bench(op)
+        bench = load_bench(op)
         impls = [i for i in bench.impls() if not args.impls or i in args.impls or i == bench.primary]
         if op != "ppo_step":
             impls[1:1] = extra_impls
@@ -158,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 modes = [m for m in bench.modes_for(impl) if not args.modes or m in args.modes]
                 if modes:
                     cases.append(dict(op=op, size=size, impl=impl, modes=modes, device=device, backend=backend,
-                                      threads=args.threads, seed=0, policy=harness.MEMORY_ONLY,
+                                      threads=args.threads, seed=0, policy=measure.MEMORY_ONLY,
                                       label=bench.label(size)))
             if cases:
                 groups.append((bench, size, cases))
@@ -168,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{c['op']:<16} {c['label']:<32} {c['impl']:<28} {','.join(c['modes'])}")
         return 0
 
-    info = harness.machine_info(device)
-    slug = harness.machine_slug(info)
+    info = machine.machine_info(device)
+    slug = machine.machine_slug(info)
     sub = {"quick": "quick", "target": "target", "custom": "custom"}.get(preset, "")
     out_dir = Path(args.out) if args.out else DEFAULT_OUT
     out_dir = out_dir / slug / sub if sub else out_dir / slug
@@ -181,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
               "running, timings will be noisy (ratios less so: implementations are timed interleaved); "
               "multi-threaded ops suffer most - consider --threads 1 on a busy machine", flush=True)
 
-    pool = harness.ChildPool(isolate=not args.no_isolate)
+    pool = measure.ChildPool(isolate=not args.no_isolate)
     results = []
     t_start = time.perf_counter()
     with _progress(n_cases + len(groups), disable=args.no_progress) as advance:
@@ -239,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "ops": {}, "results": results, "ran_ops": ops,
     }
     for op in ops:
-        bench = harness.load_bench(op)
+        bench = load_bench(op)
         data["ops"][op] = {"title": bench.title, "descriptions": bench.descriptions, "sizes": sizes[op],
                            "run_at": data["generated"], "preset": preset, "backend": backend_resolved,
                            "x_label": bench.x_label}

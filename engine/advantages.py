@@ -9,7 +9,8 @@ rloo  no critic: score minus the mean score of the OTHER n-1 samples of the prom
       (REINFORCE leave-one-out, Ahmadian et al. 2024), the same on every token.
 
 When the KL is not a loss term, group estimators subtract kl_coef * sum_t k1_t from each
-sequence's score before grouping (the KL-shaped sequence reward of RLOO).
+sequence's score before grouping (the KL-shaped sequence reward of RLOO). Scores arrive here
+already normalised / penalised / clipped (reward_scale.py), so the KL shaping is on that scale.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 
 import rlfuse.kernels as K
+
+from . import distributed as D
 
 from .heads import last_token_index
 
@@ -39,7 +42,7 @@ def shaped_token_rewards(scores, logp, ref_logp, mask, kl_coef: float) -> torch.
 def gae_advantages(rewards, values, mask, *, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True):
     advantages, returns = K.gae(rewards, values, mask, gamma=gamma, lam=lam)
     if whiten:
-        advantages = K.masked_whiten(advantages, mask) * mask
+        advantages = D.masked_whiten(advantages, mask) * mask  # global-batch statistics under torchrun
     return advantages, returns
 
 
@@ -74,6 +77,7 @@ def compute_advantages(ro, *, estimator: str, n_samples: int, kl_coef: float, kl
         return gae_advantages(rewards, ro.values, mask, gamma=gamma, lam=lam, whiten=whiten)
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r} (use one of {', '.join(ESTIMATORS)})")
-    seq_reward = ro.scores - coef * kl_per_token(ro.logp, ro.ref_logp, mask).sum(1)
+    # coef 0 (KL in the loss): old log-probs are not needed here (they may come from the update's forward)
+    seq_reward = ro.scores if coef == 0 else ro.scores - coef * kl_per_token(ro.logp, ro.ref_logp, mask).sum(1)
     fn = grpo_advantages if estimator == "grpo" else rloo_advantages
     return fn(seq_reward, n_samples)[:, None] * mask, None

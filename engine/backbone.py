@@ -9,12 +9,14 @@
 Hidden states are taken from the decoder (the model without its LM head), and the LM
 head is only ever applied through ``K.linear_logprobs``, which never materialises the
 [tokens, vocab] logits. ``model(...).logits`` is never used for training or scoring;
-``generate`` is the one place the ordinary LM head runs.
+``generate`` (the engine's sampler, on the last position only) is the one place the
+ordinary LM head runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import tempfile
 import warnings
@@ -27,6 +29,16 @@ import rlfuse.kernels as K
 
 from .config import ModelConfig, resolve_device
 from .heads import ScalarHead, gather_last
+from .lm_head_options import lm_head_logit_options
+
+class _DropMissingCpuKernelNotice(logging.Filter):
+    # bitsandbytes logs this at import on every AVX512-BF16 CPU without the optional `kernels`
+    # package; its slower fallback is fine for us. Only this one message is dropped.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMissingCpuKernelNotice())
 
 DEFAULT_CHAT_TEMPLATE = (  # for base models whose tokenizer has none
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -48,8 +60,10 @@ def _adapter_key_pattern(name: str) -> str:
 class Backbone:
     """A peft-wrapped causal LM plus its scalar heads. Build with :func:`load_backbone`."""
 
-    def __init__(self, model, tokenizer, device: str, lora_config, hidden_size: int, quantized: bool):
+    def __init__(self, model, tokenizer, device: str, lora_config, hidden_size: int, quantized: bool,
+                 compile_sampler: bool = False):
         self.model = model  # peft.PeftModel
+        self.compile_sampler = compile_sampler  # torch.compile the sampler's decode step
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.lora_config = lora_config
@@ -57,6 +71,7 @@ class Backbone:
         self.base = model.get_base_model()  # the CausalLM, LoRA layers injected
         self.decoder = self.base.get_decoder()  # the CausalLM without its LM head
         self.lm_head = self.base.get_output_embeddings()
+        self.logit_options = lm_head_logit_options(self.base.config)  # soft-cap / scale of the model's own head
         self.value_head = ScalarHead(hidden_size).to(self.device)
         self.reward_head = ScalarHead(hidden_size).to(self.device)
         self.reference_adapter: str | None = None  # None: the bare base model
@@ -111,13 +126,26 @@ class Backbone:
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        from . import distributed as D
+
+        # under FSDP2 a sharded tensor is gathered whole (a collective: every rank calls this)
+        return {k: D.full(v).detach().cpu() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
 
     def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
 
         self.add_adapter(name)
         hint = "(was it trained on another base model, or with another lora_r / lora_target_modules?)"
+        if getattr(self, "fsdp_units", None):  # sharded parameters: copy the whole tensors in ourselves
+            from . import distributed as D
+
+            params = dict(self.model.named_parameters())
+            named = {re.sub(r"(lora_[A-Za-z_]+)\.(weight|bias)$", rf"\1.{name}.\2", k): v for k, v in state.items()}
+            missing = sorted(set(named) - set(params))
+            if missing:
+                raise ValueError(f"adapter checkpoint does not fit adapter {name!r} {hint}: unexpected {missing[:3]}")
+            D.load_into(params, named)
+            return
         try:
             result = set_peft_model_state_dict(self.model, state, adapter_name=name)
         except RuntimeError as exc:  # shape mismatch
@@ -153,7 +181,7 @@ class Backbone:
         """log p(labels | hidden) through the fused LM head (never a [N, V] logits tensor)."""
         bias = getattr(self.lm_head, "bias", None)
         return K.linear_logprobs(hidden, self.lm_head.weight, labels, bias=bias,
-                                 temperature=temperature, return_entropy=entropy)
+                                 temperature=temperature, return_entropy=entropy, **self.logit_options)
 
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward-head score of each row's last real token, with the ``reward`` adapter active."""
@@ -161,24 +189,23 @@ class Backbone:
             hidden = self.hidden_states(input_ids, attention_mask)
         return self.reward_head(gather_last(hidden, attention_mask))
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                 temperature: float = 1.0, adapter: str | None = "policy") -> torch.Tensor:
-        """Sample with the KV cache from the pure softmax(logits / T) (no top-k/top-p), so the
-        log-probs PPO recomputes are those of the distribution that was sampled."""
-        if temperature <= 0:
-            raise ValueError("PPO sampling needs temperature > 0")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.use(adapter):
-                return self.model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                    temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_ids(),
-                    use_cache=True)
-        finally:
-            self.model.train(was_training)
+                 temperature: float = 1.0, adapter: str | None = "policy", greedy: bool = False,
+                 row_keys=None) -> torch.Tensor:
+        """[B, P + R] prompt | completion tokens from the engine's own sampler (``sampler.py``):
+        exactly softmax(logits / T) whatever the checkpoint's generation_config says, so the
+        log-probs PPO recomputes are those of the distribution that was sampled; argmax when
+        ``greedy``. ``row_keys``: one tuple of ints per row, the only source of its randomness
+        (default: (a seed drawn from torch's global RNG, row index), so ``torch.manual_seed``
+        still makes a call reproducible)."""
+        from .sampler import sample
+
+        if row_keys is None and not greedy:
+            base = int(torch.randint(0, 2**62, (1,)).item())
+            row_keys = [(base, i) for i in range(input_ids.shape[0])]
+        out = sample(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                     adapter=adapter, greedy=greedy, row_keys=row_keys)
+        return torch.cat([input_ids, out.tokens], 1)
 
     def eos_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -245,7 +272,20 @@ def _locate(cfg: ModelConfig) -> tuple[str, str | None]:
             return str(path), ggufs[0].name
         raise FileNotFoundError(f"model not found: {path} has no config.json"
                                 + (f" (several .gguf files; set model.gguf_file)" if ggufs else ""))
+    _check_model_config(path / "config.json")
     return str(path), None
+
+
+def _check_model_config(path: Path) -> None:
+    """A broken config.json is a one-line error naming the file, not a transformers traceback."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a valid JSON model config ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"{path}: model config has no 'model_type' (is this a Hugging Face model directory?)")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -280,6 +320,9 @@ def _load_base_model(cfg: ModelConfig, tokenizer, device: str, dtype: torch.dtyp
                 model.set_attn_implementation(attn)
             return model
         with tempfile.TemporaryDirectory(prefix="rlfuse-tiny-") as directory:  # bnb quantizes while loading
+            # every data-parallel rank loads from its OWN temporary copy: transformers would
+            # otherwise write it on rank 0 only
+            model.should_save_on_this_rank = lambda is_main_process: True
             model.save_pretrained(directory)
             return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn,
                                                         quantization_config=qconfig, device_map={"": device})
@@ -331,7 +374,11 @@ def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=("policy",
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         peft_model = get_peft_model(model, lora_config, adapter_name=adapters[0])
     hidden_size = model.config.get_text_config().hidden_size
-    backbone = Backbone(peft_model, tokenizer, device, lora_config, hidden_size, quantized=qconfig is not None)
+    if cfg.compile_sampler not in ("auto", "on", "off"):
+        raise ValueError(f"model.compile_sampler: unknown value {cfg.compile_sampler!r} (use auto, on or off)")
+    compile_sampler = cfg.compile_sampler == "on" or (cfg.compile_sampler == "auto" and device.startswith("cuda"))
+    backbone = Backbone(peft_model, tokenizer, device, lora_config, hidden_size, quantized=qconfig is not None,
+                        compile_sampler=compile_sampler)
     for name in adapters[1:]:
         backbone.add_adapter(name)
     backbone.set_trainable([])

@@ -4,7 +4,10 @@ Every file is written to a temporary file in the same directory and moved into p
 with ``os.replace`` (atomic on POSIX), so a reader sees either the old file or the new
 one, never half of one. A checkpoint is a folder ``<stage_dir>/ckpt-<step>``; the text
 file ``<stage_dir>/latest`` names the newest complete one and is written last, so a
-kill while a checkpoint folder is being filled leaves ``latest`` on the previous one.
+kill while a checkpoint folder is being filled leaves ``latest`` on the previous one. Should
+``latest`` still name a folder that is gone or unreadable (deleted by hand, a truncated
+copy), :func:`latest_checkpoint` falls back to the newest checkpoint whose files load.
+Nothing non-finite is ever saved: a NaN weight or moment raises before any file is written.
 
 Layout of one checkpoint folder:
     adapter_model.safetensors + adapter_config.json   the trained LoRA adapter (peft format)
@@ -35,6 +38,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 (so may a writer); give what open() would
         with open(tmp, "rb") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -43,6 +47,12 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
@@ -89,13 +99,65 @@ def set_rng_state(state: dict) -> None:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def latest_checkpoint(stage_dir) -> Path | None:
-    """The newest complete checkpoint folder of a stage, or None."""
+CKPT_FILES = ("adapter_model.safetensors", "adapter_config.json", "trainer_state.pt")
+
+
+def checkpoint_loads(ckpt: Path) -> bool:
+    """Every file of the checkpoint is present and parses (a truncated file does not)."""
+    from safetensors import safe_open
+
+    try:
+        if not all((ckpt / f).is_file() for f in CKPT_FILES):
+            return False
+        for name in ("adapter_model.safetensors", "heads.safetensors"):
+            if (ckpt / name).is_file():
+                with safe_open(str(ckpt / name), framework="pt") as fh:
+                    for key in fh.keys():
+                        fh.get_tensor(key)
+        json.loads((ckpt / "adapter_config.json").read_text())
+        load_trainer_state(ckpt)
+        return True
+    except Exception:  # any parse error means "not a usable checkpoint"
+        return False
+
+
+def latest_checkpoint(stage_dir, *, verify: bool = False) -> Path | None:
+    """The newest complete checkpoint folder of a stage, or None: the one ``latest`` names,
+    or, if that folder is missing or incomplete, the newest that is complete. ``verify``
+    also loads every file (resume does: a truncated file must not be resumed from)."""
+    stage_dir = Path(stage_dir)
+    ok = checkpoint_loads if verify else (lambda c: all((c / f).is_file() for f in CKPT_FILES))
+    pointer = stage_dir / LATEST
+    if pointer.is_file():
+        ckpt = stage_dir / pointer.read_text().strip()
+        if ckpt.name.startswith("ckpt-") and ok(ckpt):
+            return ckpt
+    for ckpt in sorted((p for p in stage_dir.glob("ckpt-*") if p.is_dir()), reverse=True):
+        if ok(ckpt):
+            return ckpt
+    return None
+
+
+def latest_pointer(stage_dir) -> str | None:
+    """The folder name ``latest`` holds, if any (to report a fallback)."""
     pointer = Path(stage_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    ckpt = Path(stage_dir) / pointer.read_text().strip()
-    return ckpt if (ckpt / "trainer_state.pt").is_file() else None
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise (before anything is written) if a floating tensor holds NaN or +-inf."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"refusing to save a non-finite checkpoint: {what} tensor {name!r} holds NaN or inf")
+
+
+def _optimizer_tensors(state: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for pid, slots in state.get("optimizer", {}).get("state", {}).items():
+        for slot, t in slots.items():
+            if isinstance(t, torch.Tensor):
+                out[f"{pid}.{slot}"] = t
+    return out
 
 
 def resolve_checkpoint(path) -> Path:
@@ -113,6 +175,9 @@ def resolve_checkpoint(path) -> Path:
 def save_checkpoint(stage_dir, step: int, *, adapter: dict[str, torch.Tensor], adapter_config: dict,
                     heads: dict[str, torch.Tensor] | None, trainer_state: dict, keep: int = 2) -> Path:
     stage_dir = Path(stage_dir)
+    assert_finite(adapter, "adapter")
+    assert_finite(heads or {}, "head")
+    assert_finite(_optimizer_tensors(trainer_state), "optimizer state")
     ckpt = stage_dir / f"ckpt-{step:07d}"
     ckpt.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(adapter, ckpt / "adapter_model.safetensors", metadata={"format": "pt", "step": str(step)})

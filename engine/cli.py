@@ -7,6 +7,7 @@
     rlfuse plot     RUN_DIR [--out DIR]
     rlfuse memory   [--model tiny-small] [--batch-size 4] [--seq-len 128]
     rlfuse demo ... / rlfuse bench ...       (forwarded to their own modules)
+    rlfuse label sample|serve|export|stats   (people rank responses; see rlfuse.engine.label)
 
 Common options: --config FILE|PRESET, --set key=value (repeatable), --run-dir, --model,
 --device, --seed, --max-steps, --resume, --no-progress. Precedence: defaults < config
@@ -35,6 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (PPO: iterations) for this stage")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="run data-parallel on N processes (re-launches this command under torchrun)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
 
     sub.add_parser("demo", help="run the demo (see rlfuse.engine.demo)", add_help=False)
+    sub.add_parser("label", help="people rank responses: sample | serve | export | stats", add_help=False)
     sub.add_parser("bench", help="run the kernel benchmarks (see rlfuse.benchmarks)", add_help=False)
     return parser
 
@@ -110,7 +114,10 @@ def make_config(args):
     cfg = load_config(args.config)
     apply_overrides(cfg, typed)
     apply_overrides(cfg, args.overrides)
-    saved = Path(cfg.run_dir) / "config.yaml"
+    # a stage resumes with its own saved config (a later stage may have rewritten the top-level one)
+    saved = Path(cfg.run_dir) / args.command / "config.yaml"
+    if args.command == "pipeline" or not saved.is_file():
+        saved = Path(cfg.run_dir) / "config.yaml"
     if args.resume and args.config is None and saved.is_file():  # continue with the run's own config
         cfg = load_config(saved)
         apply_overrides(cfg, typed)
@@ -119,7 +126,17 @@ def make_config(args):
 
 
 def _run_train(args) -> int:
-    cfg = make_config(args)
+    from .config import validate
+    from .runlock import lock_run_dir
+
+    cfg = validate(make_config(args))  # bad numbers fail here, before any model loads
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock for the whole command (a pipeline's three stages)
+        with lock_run_dir(cfg.run_dir):
+            return _train(args, cfg)
+    return _train(args, cfg)
+
+
+def _train(args, cfg) -> int:
     if args.command == "sft":
         from .sft import train_sft as run
         result = run(cfg)
@@ -134,9 +151,37 @@ def _run_train(args) -> int:
         result = run(cfg)
     import json
 
-    print(json.dumps(result, indent=2, default=str))
-    print(f"[rlfuse] run directory: {cfg.run_dir}")
+    from .distributed import world
+
+    if world().is_main:  # data-parallel ranks ran the same job: one report
+        print(json.dumps(result, indent=2, default=str))
+        print(f"[rlfuse] run directory: {cfg.run_dir}")
     return 0
+
+
+def _launch_data_parallel(nproc: int, argv: list[str]) -> int:
+    """``rlfuse <verb> --nproc-per-node N ...`` -> the same command on N torchrun processes."""
+    import subprocess
+
+    from .distributed import launched_by_torchrun, torchrun_command
+
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
+    rest, skip = [], False
+    for a in argv:  # drop the flag itself so the ranks don't launch again
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    if launched_by_torchrun():
+        raise ValueError("--nproc-per-node given inside a torchrun job: use one or the other")
+    rc = subprocess.call(torchrun_command(nproc, rest))
+    if rc != 0:
+        print(f"rlfuse: error: a data-parallel rank failed (exit {rc}); see its message above. "
+              "The last complete checkpoint is kept: continue with --resume", file=sys.stderr)
+    return rc
 
 
 def _dispatch(module: str, argv: list[str], what: str) -> int:
@@ -158,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         # demo/bench parse their own arguments
         if argv and argv[0] == "demo":
             return _dispatch("rlfuse.engine.demo", argv[1:], "demo")
+        if argv and argv[0] == "label":
+            return _dispatch("rlfuse.engine.label.cli", argv[1:], "label")
         if argv and argv[0] == "bench":
             return _dispatch("rlfuse.benchmarks.runner", argv[1:], "bench")
         args = build_parser().parse_args(argv)
+        if args.command in TRAIN_VERBS and args.nproc_per_node is not None:
+            return _launch_data_parallel(args.nproc_per_node, argv)
         if args.command in TRAIN_VERBS:
             return _run_train(args)
         if args.command == "plot":
@@ -178,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                                             seq_len=args.seq_len), indent=2))
             return 0
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is intact; say where we were
+        from .stage import interrupted_message, release_active
+
+        print(f"\nrlfuse: {interrupted_message()}", file=sys.stderr)
+        release_active()
+        return 130
     except (ValueError, FileNotFoundError) as exc:  # user errors: message, no traceback
         if os.environ.get("RLFUSE_DEBUG"):
             raise

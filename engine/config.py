@@ -9,6 +9,7 @@ names the key, never a silent no-op.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa)
     optimizer: str = "auto"  # auto (paged 8-bit AdamW on CUDA, AdamW on CPU) | adamw | paged_adamw_8bit
     trust_remote_code: bool = False
+    # torch.compile the sampler's decode step: auto (on CUDA only: CUDA graphs pay there, while on
+    # CPU the inductor build costs minutes for little gain) | on | off
+    compile_sampler: str = "auto"
 
 
 @dataclass
@@ -48,7 +52,7 @@ class SFTConfig:
 
 @dataclass
 class RMConfig:
-    data: str | None = None  # JSONL of {"prompt","chosen","rejected"} (and/or rating lines)
+    data: str | None = None  # JSONL of {"prompt","chosen","rejected"}, {"prompt","responses","ranks"}, ratings
     ratings: str | None = None  # optional JSONL of {"prompt","response","score"}
     epochs: int = 1
     max_steps: int | None = None
@@ -57,8 +61,11 @@ class RMConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 512
-    eval_fraction: float = 0.1  # held-out share of the pairs for pairwise accuracy
+    eval_fraction: float = 0.1  # held-out share of the PROMPTS (their pairs share responses, so never split them)
     regression_coef: float = 1.0  # weight of the MSE term on rated responses
+    loss: str = "bradley-terry"  # bradley-terry (mean over a ranking's non-tied pairs) | plackett-luce
+    init_from_sft: bool = True  # start the reward adapter from the SFT adapter when one exists
+    sft_checkpoint: str | None = None  # default: <run_dir>/sft when it exists
 
 
 @dataclass
@@ -89,12 +96,27 @@ class PPOConfig:
     lam: float = 0.95
     whiten_advantages: bool = True  # gae only; group estimators are already normalised
     kl_coef: float = 0.05
-    kl_in_loss: bool = False  # False: k1 penalty in the per-token reward; True: KL term in the loss
-    kl_estimator: str = "k3"  # estimator of the in-loss KL term: k1 | k2 | k3
+    kl_in_loss: bool | None = None  # None = auto: True for grpo (DeepSeekMath), else k1 penalty in the reward
+    kl_estimator: str = "auto"  # in-loss KL: auto (k3+) | k2 | k3 | k1+ | k3+ (k1 only as a reward penalty)
+    loss_agg: str = "auto"  # auto | token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller towards target_kl
     target_kl: float = 6.0  # per-sequence KL (nats) the adaptive controller aims for
     kl_horizon: int = 10000
     score_batch_size: int = 32  # rows per no-grad scoring forward
+    critic: str = "shared"  # gae only: shared (value head on the policy's forward) | adapter (own `value` LoRA)
+    value_init: str = "auto"  # auto | zero | reward (auto: reward for critic=adapter with a reward model)
+    value_lr: float | None = None  # None: = lr
+    critic_warmup_steps: int = 0  # first iterations update the critic only (policy frozen)
+    reward_norm: str = "auto"  # auto | none | running | calibrated (auto: calibrated with an RM, else none)
+    reward_clip: float | None = None  # clip normalised scores to [-reward_clip, reward_clip]
+    missing_eos_penalty: float | None = None  # subtracted from the score of a completion cut at max_new_tokens
+
+
+@dataclass
+class DistributedConfig:
+    # data-parallel runs under torchrun (see engine/distributed.py); batch sizes stay GLOBAL
+    strategy: str = "ddp"  # ddp: every rank holds the backbone | fsdp: FSDP2 shards the base (not 4-bit weights)
+    timeout_s: float = 600.0  # a collective waiting longer than this ends the job (a rank died)
 
 
 @dataclass
@@ -107,10 +129,12 @@ class RunConfig:
     keep_checkpoints: int = 2
     sample_every: int = 10  # write generations to samples.jsonl every N PPO steps
     progress: bool = True  # tqdm bars
+    nonfinite: str = "error"  # a NaN/inf loss or grad norm: error (stop the run) | skip (drop that update)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -258,6 +282,90 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch; use --device cpu (or auto)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+def check_device_name(device: str) -> None:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+        raise ValueError(f"config key 'device': unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+
+
+# --------------------------------------------------------------------------- validation
+# Numbers are checked before any model loads: a batch size of 0 or a NaN learning rate
+# should cost a second, not a model load, and should name the key and the value.
+
+def _bad(key: str, value, need: str) -> ValueError:
+    return ValueError(f"config key '{key}': {need}, got {value!r}")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# key -> (test, requirement), for keys that exist; None values of optional keys are skipped
+_RULES = {
+    "positive_int": (lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+    "count": (lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
+    "positive": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+    "non_negative": (lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
+    "unit": (lambda v: _finite(v) and 0 <= v <= 1, "must be between 0 and 1"),
+    "fraction": (lambda v: _finite(v) and 0 <= v < 1, "must be >= 0 and < 1"),
+    "above_one": (lambda v: _finite(v) and v > 1, "must be a finite number > 1"),
+}
+_CHECKS = {
+    "positive_int": ["save_every", "keep_checkpoints", "sample_every", "model.lora_r",
+                     "sft.epochs", "sft.max_steps", "sft.batch_size", "sft.max_length",
+                     "rm.epochs", "rm.max_steps", "rm.batch_size", "rm.max_length",
+                     "ppo.max_steps", "ppo.batch_size", "ppo.n_samples", "ppo.max_prompt_length",
+                     "ppo.max_new_tokens", "ppo.ppo_epochs", "ppo.minibatch_size", "ppo.kl_horizon",
+                     "ppo.score_batch_size"],
+    "positive": ["model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
+                 "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.clip_eps_high", "ppo.temperature",
+                 "ppo.target_kl"],
+    "non_negative": ["sft.weight_decay", "rm.weight_decay", "rm.regression_coef", "ppo.weight_decay",
+                     "ppo.value_clip", "ppo.value_coef", "ppo.entropy_coef", "ppo.kl_coef", "ppo.reward_clip",
+                     "ppo.missing_eos_penalty"],
+    "count": ["ppo.critic_warmup_steps"],
+    "unit": ["ppo.gamma", "ppo.lam"],
+    "fraction": ["model.lora_dropout", "rm.eval_fraction"],
+    "above_one": ["ppo.dual_clip"],
+}
+
+
+def _get(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return _MISSING
+        obj = getattr(obj, part)
+    return obj
+
+
+_MISSING = object()
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Reject out-of-range numbers and unknown choices, naming the key and the value."""
+    for rule, keys in _CHECKS.items():
+        test, need = _RULES[rule]
+        for key in keys:
+            value = _get(cfg, key)
+            if value is _MISSING or value is None:
+                continue
+            if not test(value):
+                raise _bad(key, value, need)
+    check_device_name(cfg.device)
+    if cfg.nonfinite not in ("error", "skip"):
+        raise _bad("nonfinite", cfg.nonfinite, "must be 'error' or 'skip'")
+    return cfg

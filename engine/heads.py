@@ -3,6 +3,10 @@
 The value head reads every response position of the policy's forward (so one pass
 gives log-probs and values); the reward head reads the last real token of a sequence
 scored with the ``reward`` adapter. Both are a single fp32 ``nn.Linear(H, 1)``.
+
+PPO starts its value head at zero (``zero_()``) or as a copy of the reward head: a random
+head's first value estimates are noise of the same size as the returns, and the value
+loss it causes pulls the shared backbone away from the policy's optimum.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ class ScalarHead(nn.Module):
         self.proj = nn.Linear(hidden_size, 1)
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(hidden_size + 1))
         nn.init.zeros_(self.proj.bias)
+
+    @torch.no_grad()
+    def zero_(self) -> "ScalarHead":
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden may be bf16 from a quantized base; the head and its output stay fp32

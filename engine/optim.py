@@ -11,7 +11,14 @@ import torch
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, device: str = "cpu", kind: str = "auto"):
-    params = [p for p in params if p.requires_grad]
+    """``params``: a list of parameters, or of param groups ``{"params": [...], "lr": ...}``
+    (e.g. the value head with its own learning rate); frozen parameters are dropped."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in groups if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters for the optimizer")
     if kind == "auto":

@@ -2,36 +2,52 @@
 
     for each iteration:
         rollout  = generate(policy adapter, KV cache)
-        score    : old log-probs + values (one policy pass), reference log-probs, reward
+        score    : old log-probs + values (one policy pass, or the `value` adapter's own pass
+                   with ppo.critic=adapter), reference log-probs, reward
+        reward   : normalised (reward_norm), missing-EOS penalty, clipped (reward_scale.py)
         advantages: gae | grpo | rloo, with the KL penalty in the reward (k1) or in the loss
         for ppo_epochs: for minibatch: K.ppo_loss(...) -> backward -> step
         KL coefficient: fixed, or Ziegler's adaptive controller towards target_kl
 
 The policy adapter starts as a copy of the SFT adapter (or as the zero LoRA update when
 no SFT ran, the bare base then being the reference), so at step 0 policy == reference
-and the KL is 0 up to rounding.
+and the KL is 0 up to rounding. Every dropout of the model is off (disable_dropout), so the
+first minibatch of an update starts at ratio 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import rlfuse.kernels as K
 
 from .advantages import ESTIMATORS, compute_advantages, kl_per_token
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import latest_checkpoint, load_heads, load_safetensors, resolve_checkpoint
+from . import distributed as D
 from .config import PPOConfig, RunConfig
-from .data import epoch_batches, load_prompts
-from .metrics import peak_memory_mb, reset_peak_memory
+from .data import end_of_turn_id, epoch_batches, load_prompts
+from .metrics import MemoryPhases
 from .optim import make_optimizer
-from .rollout import RewardFn, generate_rollout, load_reward_fn, policy_outputs, score_rollout
+from .reward_scale import REWARD_NORMS, RewardScaler, load_or_calibrate
+from .rollout import RewardFn, generate_rollout, load_reward_fn, policy_outputs, reward_layout, score_rollout
 from .stage import Stage
 
-POLICY, REFERENCE, REWARD = "policy", "sft", "reward"
+POLICY, REFERENCE, REWARD, VALUE = "policy", "sft", "reward", "value"
+CRITICS = ("shared", "adapter")
+VALUE_INITS = ("zero", "reward")
+# In-loss KL estimators and the divergence whose gradient each one follows on samples of pi:
+# k2 = (log pi - log ref)^2 / 2 and the "+" variants follow KL(pi||ref), the RLHF objective's;
+# k3 = ref/pi - 1 - log(ref/pi) (DeepSeekMath) follows KL(ref||pi); k1's expected gradient is 0.
+IN_LOSS_KL = ("k2", "k3", "k1+", "k3+")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+CALIBRATION_PROMPTS = 64  # prompts sampled (n_samples each) to calibrate a reward model's scale
 
 
 class KLController:
@@ -53,15 +69,132 @@ def _stage_checkpoint(explicit: str | None, run_dir: Path, stage: str) -> Path |
     return latest_checkpoint(run_dir / stage)
 
 
+def _ppo_loss_accepts(kwarg: str) -> bool:
+    return kwarg in inspect.signature(K.ppo_loss).parameters
+
+
+def _kernel_kl_estimators() -> tuple[str, ...]:
+    from rlfuse.kernels.backends import KL_ESTIMATORS
+
+    return tuple(KL_ESTIMATORS)
+
+
+def resolve_loss_options(c: PPOConfig) -> PPOConfig:
+    """A copy of ``c`` with kl_in_loss / kl_estimator / loss_agg checked and their "auto" resolved:
+    grpo puts the KL in the loss (DeepSeekMath) with k2, whose gradient is that of KL(pi||ref);
+    gae and rloo keep Ziegler's k1 penalty in the reward. grpo averages each sequence's token
+    mean (DeepSeekMath), gae/rloo every token of the batch (token-mean)."""
+    kl_in_loss = c.advantage == "grpo" if c.kl_in_loss is None else bool(c.kl_in_loss)
+    est = c.kl_estimator
+    if est not in ("auto", "k1") + IN_LOSS_KL:
+        raise ValueError(f"ppo.kl_estimator: unknown value {est!r} (use auto, k1 (reward penalty only), "
+                         f"{', '.join(IN_LOSS_KL)})")
+    if est == "auto":  # k3+: k3's value (unbiased, >= 0) with k2's gradient; k2 where the kernel lacks it
+        est = ("k3+" if "k3+" in _kernel_kl_estimators() else "k2") if kl_in_loss else "k1"
+    if kl_in_loss and est == "k1":
+        raise ValueError("ppo.kl_estimator=k1 with ppo.kl_in_loss=true: k1's expected gradient is zero, so the KL "
+                         "would not constrain the policy; use k2, k3, k1+ or k3+, or kl_in_loss=false")
+    if kl_in_loss and est not in _kernel_kl_estimators():
+        raise ValueError(f"ppo.kl_estimator={est}: this build's K.ppo_loss supports "
+                         f"{', '.join(_kernel_kl_estimators())}")
+    agg = c.loss_agg
+    if agg not in ("auto",) + LOSS_AGGS:
+        raise ValueError(f"ppo.loss_agg: unknown value {agg!r} (use auto, {', '.join(LOSS_AGGS)})")
+    if agg == "auto":  # seq-mean-token-mean once K.ppo_loss takes loss_agg; token-mean is its only mode before
+        agg = "seq-mean-token-mean" if c.advantage == "grpo" and _ppo_loss_accepts("loss_agg") else "token-mean"
+    if agg != "token-mean" and not _ppo_loss_accepts("loss_agg"):
+        raise ValueError(f"ppo.loss_agg={agg}: this build's K.ppo_loss only does token-mean")
+    return dataclasses.replace(c, kl_in_loss=kl_in_loss, kl_estimator=est, loss_agg=agg)
+
+
+def resolve_ppo_config(c: PPOConfig, *, use_reward_model: bool) -> PPOConfig:
+    """Check every PPO key up front (one-line errors naming the key) and resolve the "auto"s."""
+    if c.advantage not in ESTIMATORS:
+        raise ValueError(f"ppo.advantage: unknown estimator {c.advantage!r} (use one of {', '.join(ESTIMATORS)})")
+    if c.advantage != "gae" and c.n_samples < 2:
+        raise ValueError(f"ppo.advantage={c.advantage} compares samples of a prompt: set ppo.n_samples >= 2")
+    c = resolve_loss_options(c)
+    if c.critic not in CRITICS:
+        raise ValueError(f"ppo.critic: unknown value {c.critic!r} (use {' or '.join(CRITICS)})")
+    value_init = c.value_init
+    if value_init not in ("auto",) + VALUE_INITS:
+        raise ValueError(f"ppo.value_init: unknown value {value_init!r} (use auto, {', '.join(VALUE_INITS)})")
+    if value_init == "auto":  # the reward adapter+head is a full critic start only when the critic has its own adapter
+        value_init = "reward" if use_reward_model and c.critic == "adapter" else "zero"
+    if value_init == "reward" and not use_reward_model:
+        raise ValueError("ppo.value_init=reward needs a reward model (this run scores with a Python reward_fn)")
+    if c.value_lr is not None and not c.value_lr > 0:
+        raise ValueError(f"ppo.value_lr must be > 0 (or null for ppo.lr), got {c.value_lr}")
+    if c.critic_warmup_steps < 0:
+        raise ValueError(f"ppo.critic_warmup_steps must be >= 0, got {c.critic_warmup_steps}")
+    if c.critic_warmup_steps and c.advantage != "gae":
+        raise ValueError(f"ppo.critic_warmup_steps: ppo.advantage={c.advantage} has no critic to warm up")
+    norm = c.reward_norm
+    if norm not in ("auto",) + REWARD_NORMS:
+        raise ValueError(f"ppo.reward_norm: unknown value {norm!r} (use auto, {', '.join(REWARD_NORMS)})")
+    if norm == "auto":  # a reward model's scale is arbitrary; a Python reward function's is meant
+        norm = "calibrated" if use_reward_model else "none"
+    if norm == "calibrated" and not use_reward_model:
+        raise ValueError("ppo.reward_norm=calibrated needs a reward model; use running or none with a reward_fn")
+    if c.reward_clip is not None and not c.reward_clip > 0:
+        raise ValueError(f"ppo.reward_clip must be > 0 (or null for no clip), got {c.reward_clip}")
+    if c.missing_eos_penalty is not None and not c.missing_eos_penalty >= 0:
+        raise ValueError(f"ppo.missing_eos_penalty must be >= 0 (or null for none), got {c.missing_eos_penalty}")
+    return dataclasses.replace(c, value_init=value_init, reward_norm=norm)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (as TRL does for RL): every nn.Dropout (LoRA's included) and
+    every float ``*dropout*`` / ``*pdrop`` attribute of modules and configs, which attention
+    implementations read directly. Old log-probs are scored without dropout, so an update
+    forward with it would start at a ratio != 1 and clip noise instead of policy change."""
+    configs = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        config = getattr(module, "config", None)
+        if config is not None and not isinstance(config, dict) and all(config is not c for c in configs):
+            configs.append(config)
+        _zero_dropout_attrs(module)
+    for config in configs:
+        _zero_dropout_attrs(config)
+        text_config = getattr(config, "text_config", None)
+        if text_config is not None and not isinstance(text_config, dict):
+            _zero_dropout_attrs(text_config)
+
+
+def _zero_dropout_attrs(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, float) and value > 0 and ("dropout" in name or "pdrop" in name):
+            setattr(obj, name, 0.0)
+
+
+class AdapterState:
+    """A second trained adapter seen as a head by ``Stage``: it is saved in heads.safetensors
+    (keys ``<name>.<peft key>``) and restored with the rest, so resume needs no extra file."""
+
+    def __init__(self, backbone, adapter: str):
+        self.backbone, self.adapter = backbone, adapter
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.backbone.adapter_state_dict(self.adapter)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.backbone.load_adapter_state_dict(self.adapter, state)
+
+
 def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, tokenizer=None):
-    """Backbone with the policy adapter (+ frozen sft / reward adapters) set up for PPO."""
-    c = cfg.ppo
+    """Backbone with the policy adapter (+ frozen sft / reward adapters, + the ``value`` adapter
+    of an adapter critic) set up for PPO, every dropout off."""
+    c = resolve_ppo_config(cfg.ppo, use_reward_model=use_reward_model)
+    value_adapter = c.advantage == "gae" and c.critic == "adapter"
     sft_ckpt = _stage_checkpoint(c.sft_checkpoint, Path(cfg.run_dir), "sft")
     rm_ckpt = _stage_checkpoint(c.reward_checkpoint, Path(cfg.run_dir), "rm") if use_reward_model else None
     if use_reward_model and rm_ckpt is None:
         raise ValueError("PPO needs a reward: pass --reward-fn module:function, train a reward model first "
                          "(rlfuse rm) in this run dir, or set ppo.reward_checkpoint")
-    adapters = [POLICY] + ([REFERENCE] if sft_ckpt else []) + ([REWARD] if rm_ckpt else [])
+    adapters = ([POLICY] + ([REFERENCE] if sft_ckpt else []) + ([REWARD] if rm_ckpt else [])
+                + ([VALUE] if value_adapter else []))
     backbone = load_backbone(cfg.model, device=device, adapters=adapters, tokenizer=tokenizer)
     if sft_ckpt is not None:  # reference = frozen SFT adapter; policy starts as its copy
         sft_state = load_safetensors(sft_ckpt / "adapter_model.safetensors")
@@ -76,76 +209,241 @@ def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, t
         backbone.reward_head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
                                               if k.startswith("reward_head.")})
         backbone.reward_head.requires_grad_(False)
-    backbone.set_trainable([POLICY])
+    # critic start: zero head (values 0 until it learns), or the reward model as it is (OpenRLHF)
+    if c.value_init == "reward":
+        backbone.value_head.load_state_dict(backbone.reward_head.state_dict())
+    else:
+        backbone.value_head.zero_()
+    if value_adapter:  # from the reward adapter, else from the policy's start (the SFT adapter)
+        backbone.copy_adapter(REWARD if c.value_init == "reward" else POLICY, VALUE)
+    backbone.value_head.requires_grad_(True)
+    disable_dropout(backbone.model)
+    backbone.set_trainable([POLICY] + ([VALUE] if value_adapter else []))
     return backbone, {"sft_checkpoint": str(sft_ckpt) if sft_ckpt else None,
                       "reward_checkpoint": str(rm_ckpt) if rm_ckpt else None}
 
 
-def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_coef: float) -> dict:
-    """ppo_epochs passes of shuffled minibatches through K.ppo_loss; mean of the stats."""
+def critic_values(backbone, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """Values [B, R] from the ``value`` adapter's own forward (critic=adapter)."""
+    with backbone.use(VALUE):
+        hidden = backbone.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]
+    return backbone.value_head(hidden)
+
+
+@torch.no_grad()
+def score_critic(backbone, ro, batch_size: int = 32) -> None:
+    """Fill ``ro.values`` from the ``value`` adapter (score_rollout reads the policy's forward)."""
+    was_training = backbone.model.training
+    backbone.train(False)
+    vals = [critic_values(backbone, ro.input_ids[i: i + batch_size], ro.attention_mask[i: i + batch_size],
+                          ro.prompt_len) for i in range(0, len(ro), batch_size)]
+    backbone.train(was_training)
+    ro.values = torch.cat(vals) * ro.response_mask
+
+
+def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_coef: float, *,
+               policy_frozen: bool = False, on_minibatch=None, check_update=None, shuffle_seed: int = 0) -> dict:
+    """ppo_epochs passes of shuffled minibatches through K.ppo_loss; mean of the stats.
+
+    ``policy_frozen`` (critic warm-up): the policy adapter's gradients are dropped, so only
+    the critic moves. ``on_minibatch(epoch, index, stats)`` sees each minibatch's stats."""
+    c = resolve_loss_options(c)
     critic = returns is not None
+    own_critic = critic and c.critic == "adapter"
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    policy_params = backbone.adapter_parameters(POLICY) if policy_frozen else []
+    agg = {"loss_agg": c.loss_agg} if c.loss_agg != "token-mean" else {}
+    if c.loss_agg == "seq-mean-token-sum-norm":  # Dr. GRPO: one constant, the generation budget
+        agg["loss_agg_norm"] = float(c.max_new_tokens)
     totals: dict[str, float] = {}
     n_updates = 0
+    # No old log-probs from scoring (score_rollout(with_policy=False)): with ONE pass over ONE
+    # minibatch the policy has not moved yet, so this forward's own detached log-probs are the
+    # old ones (ratio exactly 1, as in TRL), and it fills ro.logp / ro.entropy for the metrics.
+    reuse_forward = ro.logp is None
+    if reuse_forward and (c.ppo_epochs != 1 or c.minibatch_size < D.global_count(len(ro)) or critic):
+        raise ValueError("ppo_update: a rollout scored without its policy pass needs ppo_epochs=1, one minibatch "
+                         f"(minibatch_size >= {len(ro)}) and no critic")
     backbone.train()
-    for _ in range(c.ppo_epochs):
-        for idx in torch.randperm(len(ro)).split(max(1, c.minibatch_size)):
-            idx = idx.to(ro.input_ids.device)
+    # minibatches are cut from ONE permutation of the GLOBAL batch (a function of seed and step),
+    # so 1 process and N data-parallel ranks update on the same minibatches; a rank keeps its rows
+    w = D.world()
+    rows = D.gather_objects(len(ro))
+    first, n_global = sum(rows[:w.rank]), sum(rows)
+    for epoch in range(c.ppo_epochs):
+        g = torch.Generator().manual_seed(shuffle_seed * 1_000_003 + epoch)
+        for i, global_idx in enumerate(torch.randperm(n_global, generator=g).split(max(1, c.minibatch_size))):
+            idx = (global_idx[(global_idx >= first) & (global_idx < first + len(ro))] - first).to(ro.input_ids.device)
+            # this rank's share of the minibatch's loss normaliser (tokens, or rows for the seq-mean modes)
+            weight = (ro.response_mask[idx].sum() if c.loss_agg == "token-mean"
+                      else (ro.response_mask[idx].sum(1) > 0).sum()).item()
+            share = weight / D.global_count(weight) if w.distributed else 1.0
+            optimizer.zero_grad(set_to_none=True)
+            stand_in = len(idx) == 0 and bool(D.fsdp_units(backbone))
+            if stand_in:  # FSDP2 needs every rank's forward and backward: run one row, weighted 0
+                idx, share = torch.zeros(1, dtype=torch.long, device=ro.input_ids.device), 0.0
+            if len(idx) == 0:  # no rows of this minibatch here: contribute zero gradients to the sum
+                D.reduce_gradients(params)
+                for p in policy_params:
+                    p.grad = None
+                grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
+                if check_update is None or check_update(torch.zeros(()), grad_norm):  # same verdict on every rank
+                    optimizer.step()
+                    for k, v in D.reduce_metrics({}, weight=0.0).items():  # the minibatch's stats, from the others
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    n_updates += 1
+                continue
             with backbone.use(POLICY):
                 logp, entropy, values = policy_outputs(backbone, ro.input_ids[idx], ro.attention_mask[idx],
-                                                       ro.prompt_len, temperature=c.temperature, with_values=critic)
+                                                       ro.prompt_len, temperature=c.temperature,
+                                                       with_values=critic and not own_critic)
+            if own_critic:  # one more forward (and backward) through the value adapter
+                values = critic_values(backbone, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len)
+            if reuse_forward:
+                mask = ro.response_mask[idx]
+                ro.logp, ro.entropy = torch.empty_like(logp), torch.empty_like(logp)
+                ro.logp[idx], ro.entropy[idx] = logp.detach() * mask, entropy.detach() * mask
             loss, stats = K.ppo_loss(
                 logp, ro.logp[idx], advantages[idx], ro.response_mask[idx],
                 clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                 ref_logp=ro.ref_logp[idx], kl_coef=kl_coef if c.kl_in_loss else 0.0, kl_estimator=c.kl_estimator,
                 entropy=entropy if c.entropy_coef > 0 else entropy.detach(), entropy_coef=c.entropy_coef,
                 values=values, old_values=ro.values[idx] if critic else None,
-                returns=returns[idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                returns=returns[idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
+                **agg)
+            (loss * share if w.distributed else loss).backward()
+            if stand_in:  # the stand-in row's stats are not this rank's: report none, as an empty rank does
+                D.reduce_gradients(params)
+                grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
+                for p in policy_params:
+                    p.grad = None
+                if check_update is None or check_update(torch.zeros(()), grad_norm):
+                    optimizer.step()
+                    for k, v in D.reduce_metrics({}, weight=0.0).items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    n_updates += 1
+                continue
+            D.reduce_gradients(params)  # sum over ranks of share * local loss = the global minibatch loss
+            for p in policy_params:  # AdamW skips a parameter without a gradient: the policy stays put
+                p.grad = None
+            grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
+            if check_update is not None and not check_update(loss, grad_norm):  # Stage.check_update: NaN guard
+                continue  # nonfinite=skip: this minibatch's update is dropped
             optimizer.step()
-            for k, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
+            step_stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm}
+            if w.distributed:
+                step_stats = D.reduce_metrics({k: float(v) for k, v in step_stats.items()}, weight=weight)
+            if on_minibatch is not None:
+                on_minibatch(epoch, i, {k: float(v) for k, v in step_stats.items()})
+            for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_updates += 1
     return {k: v / max(1, n_updates) for k, v in totals.items()}
 
 
-def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()) -> dict:
-    c = cfg.ppo
-    if c.advantage not in ESTIMATORS:
-        raise ValueError(f"ppo.advantage: unknown estimator {c.advantage!r} (use one of {', '.join(ESTIMATORS)})")
-    if c.advantage != "gae" and c.n_samples < 2:
-        raise ValueError(f"ppo.advantage={c.advantage} compares samples of a prompt: set ppo.n_samples >= 2")
-    if reward_fn is None and c.reward_fn:
-        reward_fn = load_reward_fn(c.reward_fn)
+def rollout_truncated(backbone, ro) -> torch.Tensor:
+    """[B] bool: no EOS within max_new_tokens (``ro.truncated``; computed here when absent)."""
+    if getattr(ro, "truncated", None) is None:
+        completion = ro.input_ids[:, ro.prompt_len:]
+        eos = torch.tensor(backbone.eos_token_ids(), device=completion.device)
+        ro.truncated = ~(torch.isin(completion, eos) & ro.response_mask.bool()).any(1)
+    return torch.as_tensor(ro.truncated, dtype=torch.bool, device=ro.response_mask.device)
+
+
+@torch.no_grad()
+def sample_reward_scores(backbone, prompts, c: PPOConfig, seed: int) -> torch.Tensor:
+    """Reward-model scores of the policy's samples (the SFT policy, at step 0) on up to
+    CALIBRATION_PROMPTS prompts, under a forked RNG so the run's own sampling is unchanged."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:CALIBRATION_PROMPTS]
+    was_training = backbone.model.training
+    backbone.train(False)
+    scores = []
+    with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for chunk in order.split(max(1, c.batch_size)):
+            ro = generate_rollout(backbone, [prompts[int(j)] for j in chunk], n_samples=c.n_samples,
+                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                  seed=seed, iteration=-1, prompt_indices=chunk.tolist())  # -1: not a PPO step
+            ids, attn = reward_layout(ro.input_ids, ro.attention_mask, ro.response_mask, ro.prompt_len,
+                                      backbone.eos_token_ids(), end_of_turn_id(backbone.tokenizer),
+                                      backbone.tokenizer.pad_token_id)
+            scores.append(backbone.reward_scores(ids, attn).float())
+    backbone.train(was_training)
+    return torch.cat(scores)
+
+
+def _gathered_call(backbone, fn, *args):
+    with D.gathered(backbone):
+        return fn(*args)
+
+
+def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=(), on_minibatch=None) -> dict:
+    """``on_minibatch(epoch, index, stats)`` is called after each gradient step (see ppo_update)."""
+    if reward_fn is None and cfg.ppo.reward_fn:
+        reward_fn = load_reward_fn(cfg.ppo.reward_fn)
+    c = resolve_ppo_config(cfg.ppo, use_reward_model=reward_fn is None)  # every key checked before the model load
     stage = Stage(cfg, "ppo", callbacks)
     critic = c.advantage == "gae"
+    own_critic = critic and c.critic == "adapter"
     tok = load_tokenizer(cfg.model)
     prompts = load_prompts(c.prompts, tok, c.max_prompt_length)  # data errors before the model load
     backbone, sources = build_ppo_backbone(cfg, stage.device, use_reward_model=reward_fn is None, tokenizer=tok)
+    D.prepare(backbone, cfg.distributed.strategy)  # FSDP2 sharding, before the optimizer sees the params
 
-    params = backbone.adapter_parameters(POLICY) + (list(backbone.value_head.parameters()) if critic else [])
-    optimizer = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay, device=stage.device,
+    groups = [{"params": backbone.adapter_parameters(POLICY)}]
+    if critic:  # the critic's own learning rate (with critic=shared the value loss also trains the policy adapter)
+        groups.append({"params": list(backbone.value_head.parameters())
+                       + (backbone.adapter_parameters(VALUE) if own_critic else []), "lr": c.value_lr or c.lr})
+    optimizer = make_optimizer(groups, lr=c.lr, weight_decay=c.weight_decay, device=stage.device,
                                kind=cfg.model.optimizer)
     kl_ctl = KLController(c.kl_coef, adaptive=c.adaptive_kl, target=c.target_kl, horizon=c.kl_horizon)
-    stage.attach(backbone, POLICY, {"value_head": backbone.value_head} if critic else {}, optimizer)
+    scaler = RewardScaler(c.reward_norm, clip=c.reward_clip, missing_eos_penalty=c.missing_eos_penalty)
+    if c.reward_norm == "calibrated":  # before restore: the policy is still the SFT policy here
+        calibration = load_or_calibrate(
+            sources["reward_checkpoint"], lambda: _gathered_call(backbone, sample_reward_scores, backbone, prompts, c, cfg.seed),
+            info={"sft_checkpoint": sources["sft_checkpoint"], "max_new_tokens": c.max_new_tokens,
+                  "temperature": c.temperature, "n_samples": c.n_samples})
+        scaler.mean, scaler.std = float(calibration["mean"]), float(calibration["std"])
+    heads = {"value_head": backbone.value_head} if critic else {}
+    if own_critic:
+        heads["value_adapter"] = AdapterState(backbone, VALUE)
+    stage.attach(backbone, POLICY, heads, optimizer)
     start, extra = stage.restore()
     if start >= c.max_steps:
         return stage.finished_summary()
     kl_ctl.coef = extra.get("kl_coef", kl_ctl.coef)
+    if "reward_moments" in extra:
+        scaler.moments.load_state_dict(extra["reward_moments"])
 
     metrics: dict = {}
     for step in stage.progress(start, c.max_steps):
         t0 = time.perf_counter()
-        reset_peak_memory(stage.device)
-        batch = [prompts[i] for i in epoch_batches(len(prompts), c.batch_size, cfg.seed, step)]
+        phases = MemoryPhases(stage.device)  # peak memory of generation, scoring and update
+        # c.batch_size is global: each data-parallel rank samples and scores a block of whole prompts
+        # (so GRPO/RLOO groups stay on one rank), keyed by their dataset index for reproducible samples
+        batch_idx = D.shard(epoch_batches(len(prompts), c.batch_size, cfg.seed, step))
+        batch = [prompts[i] for i in batch_idx]
+        n_rows = int(D.global_count(len(batch) * c.n_samples))  # rows of the global rollout
 
         # 1. rollout and scoring (no grad)
-        ro = generate_rollout(backbone, batch, n_samples=c.n_samples, max_new_tokens=c.max_new_tokens,
-                              temperature=c.temperature)
-        score_rollout(backbone, ro, temperature=c.temperature, reward_fn=reward_fn, with_values=critic,
-                      batch_size=c.score_batch_size)
+        with D.gathered(backbone):  # FSDP2: weights gathered once for the many rollout forwards
+            with phases("generation"):
+                ro = generate_rollout(backbone, batch, n_samples=c.n_samples, max_new_tokens=c.max_new_tokens,
+                                      temperature=c.temperature, seed=cfg.seed, iteration=step,  # reproducible keys
+                                      prompt_indices=batch_idx)
+            truncated = rollout_truncated(backbone, ro)
+            with phases("scoring"):
+                # one optimisation pass over one minibatch, no critic, KL not in the reward: the update's
+                # forward gives the old log-probs, so scoring skips its policy pass (see ppo_update)
+                single_pass = (c.ppo_epochs == 1 and c.minibatch_size >= n_rows and not critic
+                               and (c.kl_in_loss or c.kl_coef == 0))
+                score_rollout(backbone, ro, temperature=c.temperature, reward_fn=reward_fn,
+                              with_values=critic and not own_critic, batch_size=c.score_batch_size,
+                              with_policy=not single_pass)
+                if own_critic:
+                    score_critic(backbone, ro, c.score_batch_size)
+        raw_scores = ro.scores
+        ro.scores = scaler(raw_scores, truncated)  # normalise -> missing-EOS penalty -> clip, before KL shaping
         t_rollout = time.perf_counter() - t0
 
         # 2. advantages
@@ -154,28 +452,36 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
                                                  lam=c.lam, whiten=c.whiten_advantages)
 
         # 3. PPO epochs over minibatches
-        stats = ppo_update(backbone, optimizer, ro, advantages, returns, c, kl_ctl.coef)
+        with phases("update"):
+            stats = ppo_update(backbone, optimizer, ro, advantages, returns, c, kl_ctl.coef,
+                               check_update=stage.check_update, policy_frozen=step < c.critic_warmup_steps,
+                               on_minibatch=on_minibatch, shuffle_seed=cfg.seed * 100_003 + step)
 
         # 4. KL control and logging (the KL of the rollout, measured before this update)
         mask = ro.response_mask
-        seq_kl = kl_per_token(ro.logp, ro.ref_logp, mask).sum(1).mean().item()
+        seq_kl = D.mean_std(kl_per_token(ro.logp, ro.ref_logp, mask).sum(1))[0]  # global batch means
         coef_used = kl_ctl.coef
-        kl_ctl.update(seq_kl, len(ro))
-        n_tokens = int(mask.sum())
+        kl_ctl.update(seq_kl, n_rows)
+        n_tokens = int(D.global_count(int(mask.sum())))
+        reward_mean, reward_std, _ = D.mean_std(raw_scores)
+        entropy = D.global_count((ro.entropy * mask).sum().item()) / max(1, n_tokens)
         dt = time.perf_counter() - t0
         metrics = {
-            "reward": ro.scores.mean().item(), "reward_std": ro.scores.std().item() if len(ro) > 1 else 0.0,
-            "kl": seq_kl, "kl_per_token": seq_kl * len(ro) / max(1, n_tokens), "kl_coef": coef_used,
-            "entropy": ((ro.entropy * mask).sum() / mask.sum()).item(),
+            "reward": reward_mean, "reward_std": reward_std,
+            "reward_scaled": D.mean_std(ro.scores)[0], "truncated_frac": D.mean_std(truncated.float())[0],
+            "kl": seq_kl, "kl_per_token": seq_kl * n_rows / max(1, n_tokens), "kl_coef": coef_used,
+            "entropy": entropy,
             "clipfrac": stats.get("clipfrac"), "approx_kl": stats.get("approx_kl"),
             "policy_loss": stats.get("policy_loss"), "value_loss": stats.get("value_loss"),
             "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
-            "response_length": n_tokens / len(ro), "tokens_per_s": n_tokens / dt,
-            "rollout_time_s": t_rollout, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(stage.device)}
+            "response_length": n_tokens / n_rows, "tokens_per_s": n_tokens / dt,
+            "rollout_time_s": t_rollout, "step_time_s": dt, "peak_mem_mb": max(phases.peak_mb.values()),
+            **phases.as_metrics()}
         if step == 0 or (step + 1) % max(1, cfg.sample_every) == 0:
             stage.log.samples([{"stage": "ppo", "step": step + 1, "prompt": p, "completion": t, "score": float(s)}
-                               for p, t, s in list(zip(ro.prompts, ro.completions, ro.scores))[:4]])
-        stage.end_step(step + 1, c.max_steps, metrics, extra={"kl_coef": kl_ctl.coef})
+                               for p, t, s in list(zip(ro.prompts, ro.completions, raw_scores))[:4]])
+        stage.end_step(step + 1, c.max_steps, metrics,
+                       extra={"kl_coef": kl_ctl.coef, "reward_moments": scaler.moments.state_dict()})
     return stage.finish({"steps": c.max_steps, "final_reward": metrics.get("reward"),
                          "final_kl": metrics.get("kl"), "kl_coef": kl_ctl.coef, **sources,
                          "reward_source": c.reward_fn or ("python function" if reward_fn else "reward model"),

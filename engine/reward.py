@@ -1,74 +1,166 @@
-"""Reward model: the ``reward`` adapter + a scalar head on the last token.
+"""Reward model: the ``reward`` adapter + a scalar head on the last token, trained on rankings.
 
-Bradley-Terry on preference pairs,   loss = -log sigmoid(r(chosen) - r(rejected)),
-plus, when rated responses are given, regression_coef * (r(response) - score)^2.
-Chosen, rejected and rated sequences of a step go through ONE forward. A held-out share
-of the pairs measures pairwise accuracy (how often r(chosen) > r(rejected)).
+A training element is one prompt's ranking of K >= 2 responses (a pair line is a K=2
+ranking). As in InstructGPT, all of a ranking's C(K,2) non-tied pairs form ONE element and
+each response goes through the model once; a step's batch is ``rm.batch_size`` prompts.
+
+    rm.loss = bradley-terry   element loss = mean over its non-tied pairs (i above j) of
+                              -log sigmoid(r_i - r_j)
+    rm.loss = plackett-luce   element loss = -log P(ranking) / (number of choices), where the
+                              best remaining response is chosen from those still unranked.
+                              Ties follow Breslow: every member of a tied group is chosen
+                              from the same remaining set (its tied partners included).
+For K=2 without a tie both losses are -log sigmoid(r_1 - r_2). Rated responses add
+regression_coef * (r(response) - score)^2. Every sequence of a step goes through ONE forward.
+
+The held-out share is split by PROMPT, never by pair: the pairs of one prompt share
+responses, so splitting them would leak. The held-out metric is pairwise accuracy over the
+held-out prompts' non-tied pairs.
+
+With ``rm.init_from_sft`` (default) the reward adapter starts from the SFT adapter when one
+exists (``rm.sft_checkpoint``, else ``<run_dir>/sft``), as InstructGPT and OpenRLHF do.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import load_backbone, load_tokenizer
+from .checkpoint import latest_checkpoint, load_safetensors, resolve_checkpoint
+from . import distributed as D
 from .config import RunConfig
-from .data import epoch_batches, load_reward_dataset, pad, steps_per_epoch
+from .data import Ranking, epoch_batches, load_rankings, pad, steps_per_epoch
 from .metrics import peak_memory_mb, reset_peak_memory
 from .optim import make_optimizer
 from .stage import Stage
 
 ADAPTER = "reward"
+LOSSES = ("bradley-terry", "plackett-luce")
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    return -F.logsigmoid(chosen - rejected).mean()
+def ranking_pairs(ranks: list[int]) -> list[tuple[int, int]]:
+    """(better, worse) index pairs of every non-tied pair of a ranking (1 = best)."""
+    return [(i, j) for i in range(len(ranks)) for j in range(len(ranks)) if ranks[i] < ranks[j]]
+
+
+def bradley_terry_loss(scores: list[torch.Tensor], ranks: list[list[int]]) -> torch.Tensor:
+    """Mean over elements of the mean over each element's non-tied pairs of -log sigmoid(r_i - r_j)."""
+    losses = []
+    for s, rk in zip(scores, ranks):
+        better, worse = zip(*ranking_pairs(rk))
+        losses.append(-F.logsigmoid(s[list(better)] - s[list(worse)]).mean())
+    return torch.stack(losses).mean()
+
+
+def plackett_luce_loss(scores: list[torch.Tensor], ranks: list[list[int]]) -> torch.Tensor:
+    """Mean over elements of -log PL(ranking) per choice, ties by Breslow (see the module doc)."""
+    losses = []
+    for s, rk in zip(scores, ranks):
+        rk_t = torch.tensor(rk, device=s.device)
+        levels = sorted(set(rk))
+        log_lik, choices = s.new_zeros(()), 0
+        for level in levels[:-1]:  # the last group has nothing left to be chosen over
+            group, remaining = rk_t == level, rk_t >= level
+            n = int(group.sum())
+            log_lik = log_lik + s[group].sum() - n * torch.logsumexp(s[remaining], dim=0)
+            choices += n
+        losses.append(-log_lik / choices)
+    return torch.stack(losses).mean()
+
+
+def ranking_loss(kind: str, scores: list[torch.Tensor], ranks: list[list[int]]) -> torch.Tensor:
+    if kind == "bradley-terry":
+        return bradley_terry_loss(scores, ranks)
+    if kind == "plackett-luce":
+        return plackett_luce_loss(scores, ranks)
+    raise ValueError(f"config key 'rm.loss': expected one of {', '.join(LOSSES)}, got {kind!r}")
+
+
+def score_rankings(backbone, rankings: list[Ranking]) -> list[torch.Tensor]:
+    """Reward scores of every response of ``rankings``: ONE forward, each response once."""
+    seqs = [ids for r in rankings for ids in r.response_ids]
+    ids, attn = pad(seqs, backbone.tokenizer.pad_token_id, device=backbone.device)
+    return list(torch.split(backbone.reward_scores(ids, attn), [len(r.response_ids) for r in rankings]))
+
+
+def pair_wins(scores: list[torch.Tensor], rankings: list[Ranking]) -> tuple[float, int]:
+    """(wins, pairs) over the non-tied pairs: a pair is won when the better response outscores
+    the worse one; a tied score counts half."""
+    wins, n = 0.0, 0
+    for s, r in zip(scores, rankings):
+        for i, j in ranking_pairs(r.ranks):
+            wins += 1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0
+            n += 1
+    return wins, n
 
 
 @torch.no_grad()
-def pairwise_accuracy(backbone, pairs, batch_size: int) -> float:
-    """Share of pairs whose chosen response outscores the rejected one (ties count half)."""
-    if not pairs:
-        return float("nan")
+def pairwise_accuracy(backbone, rankings: list[Ranking], batch_size: int) -> float:
+    """Share of the non-tied pairs whose better response outscores the worse one (ties half)."""
     was_training = backbone.model.training
     backbone.train(False)
-    wins = 0.0
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i: i + batch_size]
-        ids, attn = pad([p.chosen_ids for p in chunk] + [p.rejected_ids for p in chunk],
-                        backbone.tokenizer.pad_token_id, device=backbone.device)
-        r = backbone.reward_scores(ids, attn)
-        rc, rr = r[: len(chunk)], r[len(chunk):]
-        wins += float((rc > rr).sum() + 0.5 * (rc == rr).sum())
+    wins, n = 0.0, 0
+    for i in range(0, len(rankings), batch_size):
+        chunk = rankings[i: i + batch_size]
+        w, k = pair_wins(score_rankings(backbone, chunk), chunk)
+        wins, n = wins + w, n + k
     backbone.train(was_training)
-    return wins / len(pairs)
+    return wins / n if n else float("nan")
 
 
-def split_pairs(pairs: list, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic train / held-out split (at least one pair of each when possible)."""
-    if eval_fraction <= 0 or len(pairs) < 2:
-        return pairs, []
-    n_eval = min(max(1, round(eval_fraction * len(pairs))), len(pairs) - 1)
-    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [pairs[i] for i in perm[n_eval:]], [pairs[i] for i in perm[:n_eval]]
+def split_by_prompt(rankings: list[Ranking], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic train / held-out split of the PROMPTS (at least one of each when there
+    are two prompts or more); all rankings of a prompt land on the same side."""
+    keys = list(dict.fromkeys(r.prompt_key for r in rankings))  # first-seen order
+    if eval_fraction <= 0 or len(keys) < 2:
+        return rankings, []
+    n_eval = min(max(1, round(eval_fraction * len(keys))), len(keys) - 1)
+    perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {keys[i] for i in perm[:n_eval]}
+    return [r for r in rankings if r.prompt_key not in held_out], [r for r in rankings if r.prompt_key in held_out]
+
+
+def sft_start_checkpoint(cfg: RunConfig) -> Path | None:
+    """The SFT checkpoint the reward adapter starts from, or None (fresh LoRA)."""
+    c = cfg.rm
+    if not c.init_from_sft:
+        return None
+    if c.sft_checkpoint:
+        return resolve_checkpoint(c.sft_checkpoint)
+    return latest_checkpoint(Path(cfg.run_dir) / "sft")
 
 
 def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
     c = cfg.rm
+    if c.loss not in LOSSES:
+        raise ValueError(f"config key 'rm.loss': expected one of {', '.join(LOSSES)}, got {c.loss!r}")
     stage = Stage(cfg, "rm", callbacks)
     if c.data is None and c.ratings is None:
         raise ValueError("no reward-model data given (set rm.data, e.g. --data prefs.jsonl, and/or rm.ratings)")
     tok = load_tokenizer(cfg.model)
-    pairs, ratings = load_reward_dataset(c.data, tok, c.max_length)  # data errors before the model load
-    ratings += load_reward_dataset(c.ratings, tok, c.max_length)[1] if c.ratings else []
+    rankings, ratings = [], []
+    for path in (c.data, c.ratings):  # data errors before the model load
+        if path is not None:
+            more_rankings, more_ratings = load_rankings(path, tok, c.max_length)
+            rankings, ratings = rankings + more_rankings, ratings + more_ratings
+    n_all_tied = sum(1 for r in rankings if not ranking_pairs(r.ranks))
+    rankings = [r for r in rankings if ranking_pairs(r.ranks)]  # a ranking of ties only teaches nothing
+    if not rankings and not ratings:
+        raise ValueError(f"{c.data}: no ranking with a non-tied pair and no rating to train on")
+    sft_ckpt = sft_start_checkpoint(cfg)
     backbone = load_backbone(cfg.model, device=stage.device, adapters=[ADAPTER], tokenizer=tok)
-    train_pairs, eval_pairs = split_pairs(pairs, c.eval_fraction, cfg.seed)
-    n_primary = len(train_pairs) or len(ratings)  # an epoch is a pass over the pairs (or the ratings)
+    if sft_ckpt is not None:  # a resumed run overwrites this with its own checkpoint in restore()
+        backbone.load_adapter_state_dict(ADAPTER, load_safetensors(sft_ckpt / "adapter_model.safetensors"))
+    train_set, eval_set = split_by_prompt(rankings, c.eval_fraction, cfg.seed)
+    n_primary = len(train_set) or len(ratings)  # an epoch is a pass over the prompts (or the ratings)
     total = c.max_steps if c.max_steps is not None else c.epochs * steps_per_epoch(n_primary, c.batch_size)
 
     backbone.set_trainable([ADAPTER])
+    D.prepare(backbone, cfg.distributed.strategy)  # FSDP2 sharding, before the optimizer sees the params
     params = backbone.adapter_parameters(ADAPTER) + list(backbone.reward_head.parameters())
     optimizer = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay, device=stage.device,
                                kind=cfg.model.optimizer)
@@ -78,47 +170,70 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
         return stage.finished_summary()
 
     def evaluate() -> dict:
-        return {"eval_accuracy": pairwise_accuracy(backbone, eval_pairs, c.batch_size)} if eval_pairs else {}
+        return {"eval_accuracy": pairwise_accuracy(backbone, eval_set, c.batch_size)} if eval_set else {}
 
+    loss_key = {"bradley-terry": "bt_loss", "plackett-luce": "pl_loss"}[c.loss]
     backbone.train()
     metrics: dict = {}
     for step in stage.progress(start, total):
         t0 = time.perf_counter()
         reset_peak_memory(stage.device)
-        seqs, n_pairs, targets = [], 0, []
-        if train_pairs:
-            batch = [train_pairs[i] for i in epoch_batches(len(train_pairs), c.batch_size, cfg.seed, step)]
-            seqs += [p.chosen_ids for p in batch] + [p.rejected_ids for p in batch]
-            n_pairs = len(batch)
-        if ratings:
-            rated = [ratings[i] for i in epoch_batches(len(ratings), c.batch_size, cfg.seed + 1, step)]
-            seqs += [r.input_ids for r in rated]
-            targets = [r.score for r in rated]
-        ids, attn = pad(seqs, tok.pad_token_id, device=stage.device)
-
-        scores = backbone.reward_scores(ids, attn)
-        loss = scores.new_zeros(())
+        # batch sizes are global: each data-parallel rank takes its block of the step's rankings and
+        # ratings, and weighs its means by its share so the summed gradients are the global means'
+        batch = [train_set[i] for i in D.shard(epoch_batches(len(train_set), c.batch_size, cfg.seed, step))] \
+            if train_set else []
+        rated = [ratings[i] for i in D.shard(epoch_batches(len(ratings), c.batch_size, cfg.seed + 1, step))] \
+            if ratings else []
+        share_ranked, share_rated = (len(batch) / max(1.0, D.global_count(len(batch))),
+                                     len(rated) / max(1.0, D.global_count(len(rated))))
+        seqs = [ids for r in batch for ids in r.response_ids] + [r.input_ids for r in rated]
+        loss = torch.zeros((), device=stage.device)
         metrics = {}
-        if n_pairs:
-            chosen, rejected = scores[:n_pairs], scores[n_pairs: 2 * n_pairs]
-            bt = bradley_terry_loss(chosen, rejected)
-            loss = loss + bt
-            metrics.update(bt_loss=bt.item(), train_accuracy=(chosen > rejected).float().mean().item(),
-                           margin=(chosen - rejected).mean().item())
-        if targets:
-            mse = F.mse_loss(scores[2 * n_pairs:], torch.tensor(targets, device=scores.device))
-            loss = loss + c.regression_coef * mse
+        stand_in = not seqs and bool(D.fsdp_units(backbone))  # FSDP2 needs this rank's forward+backward too
+        rows = seqs or ([(train_set or ratings)[0].response_ids[0] if train_set else ratings[0].input_ids]
+                        if stand_in else [])
+        ids, attn = pad(rows, tok.pad_token_id, device=stage.device) if rows else (None, None)
+        scores = backbone.reward_scores(ids, attn) if rows else None  # a rank may get an empty block
+        if stand_in:
+            loss = loss + scores.sum() * 0.0
+        n_ranked = len(seqs) - len(rated)
+        if batch:
+            per_prompt = list(torch.split(scores[:n_ranked], [len(r.response_ids) for r in batch]))
+            rl = ranking_loss(c.loss, per_prompt, [r.ranks for r in batch])
+            loss = loss + rl * share_ranked
+            detached = [s.detach() for s in per_prompt]
+            wins, n_pairs = pair_wins(detached, batch)
+            margins = [float(s[i] - s[j]) for s, r in zip(detached, batch) for i, j in ranking_pairs(r.ranks)]
+            metrics.update({loss_key: rl.item(), "train_accuracy": wins / n_pairs,
+                            "margin": sum(margins) / len(margins), "pairs": n_pairs})
+        if rated:
+            mse = F.mse_loss(scores[n_ranked:], torch.tensor([r.score for r in rated], device=scores.device))
+            loss = loss + c.regression_coef * mse * share_rated
             metrics["rating_mse"] = mse.item()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-        optimizer.step()
+        if rows:
+            loss.backward()
+        D.reduce_gradients(params)
+        grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
+        if stage.check_update(loss, grad_norm):  # a NaN/inf stops the run (or is skipped) before it lands
+            optimizer.step()
 
         dt = time.perf_counter() - t0
-        metrics.update(loss=loss.item(), grad_norm=float(grad_norm), tokens_per_s=int(attn.sum()) / dt,
+        n_tok = int(attn.sum()) if seqs else 0  # a stand-in row is not counted
+        metrics.update(loss=D.global_count(loss.item()) if stage.world.distributed else loss.item(),
+                       grad_norm=float(grad_norm), tokens_per_s=D.global_count(n_tok) / dt,
                        step_time_s=dt, peak_mem_mb=peak_memory_mb(stage.device))
+        if stage.world.distributed:  # the other means over the global batch (loss is already global)
+            metrics = {**D.reduce_metrics({k: v for k, v in metrics.items() if k != "loss"},
+                                          weight=float(max(1, len(batch)))), "loss": metrics["loss"]}
         stage.end_step(step + 1, total, metrics, on_save=evaluate)
     final = evaluate()
-    return stage.finish({"steps": total, "final_loss": metrics.get("loss"), "train_pairs": len(train_pairs),
-                         "eval_pairs": len(eval_pairs), "ratings": len(ratings), **final,
+    n_pairs_of = lambda rs: sum(len(ranking_pairs(r.ranks)) for r in rs)  # noqa: E731
+    return stage.finish({"steps": total, "final_loss": metrics.get("loss"), "loss_kind": c.loss,
+                         "train_prompts": len({r.prompt_key for r in train_set}),
+                         "eval_prompts": len({r.prompt_key for r in eval_set}),
+                         "train_rankings": len(train_set), "eval_rankings": len(eval_set),
+                         "train_pairs": n_pairs_of(train_set), "eval_pairs": n_pairs_of(eval_set),
+                         "skipped_all_tied": n_all_tied, "ratings": len(ratings),
+                         "init_from": str(sft_ckpt) if sft_ckpt else None, **final,
                          "runtime_s": time.time() - stage.started})

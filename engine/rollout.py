@@ -46,6 +46,8 @@ class Rollout:
     entropy: torch.Tensor | None = None
     values: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # [B] sequence-level reward
+    truncated: torch.Tensor | None = None  # [B] bool: no EOS within max_new_tokens (cut, not finished)
+    sample_logp: torch.Tensor | None = None  # [B, R] the sampler's own log-probs (== logp up to rounding)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -56,14 +58,29 @@ class Rollout:
 
 
 def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max_new_tokens: int = 32,
-                     temperature: float = 1.0) -> Rollout:
-    """Sample ``n_samples`` completions per prompt; rows of one prompt are adjacent (groups)."""
+                     temperature: float = 1.0, seed: int = 0, iteration: int = 0,
+                     prompt_indices=None) -> Rollout:
+    """Sample ``n_samples`` completions per prompt; rows of one prompt are adjacent (groups).
+
+    Sample j of prompt i draws its randomness from the key (seed, iteration, prompt_indices[i], j)
+    only, so it is the same whatever batch, shard or process it lands in: pass GLOBAL dataset
+    indices as ``prompt_indices`` (default: 0..len(prompts)-1)."""
+    from .sampler import sample
+
     tok = backbone.tokenizer
+    if prompt_indices is None:
+        prompt_indices = range(len(prompts))
+    prompt_indices = [int(i) for i in prompt_indices]
+    if len(prompt_indices) != len(prompts):
+        raise ValueError(f"generate_rollout: {len(prompt_indices)} prompt_indices for {len(prompts)} prompts")
+    if not prompts:
+        raise ValueError("generate_rollout: empty prompt list")
     rows = [p for p in prompts for _ in range(n_samples)]
+    keys = [(seed, iteration, i, j) for i in prompt_indices for j in range(n_samples)]
     ids, attn = pad([p.input_ids for p in rows], tok.pad_token_id, side="left", device=backbone.device)
-    out = backbone.generate(ids, attn, max_new_tokens=max_new_tokens, temperature=temperature)
+    out = sample(backbone, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature, row_keys=keys)
     P = ids.shape[1]
-    completion = out[:, P:]
+    completion = out.tokens
     is_eos = torch.isin(completion, torch.tensor(backbone.eos_token_ids(), device=completion.device))
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     completion = completion.masked_fill(after_eos, tok.pad_token_id)
@@ -71,7 +88,7 @@ def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max
     texts = tok.batch_decode([c[m.bool()] for c, m in zip(completion, response_mask)], skip_special_tokens=True)
     return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([attn, response_mask], 1),
                    prompt_len=P, response_mask=response_mask.float(), prompts=[p.raw for p in rows],
-                   completions=texts)
+                   completions=texts, truncated=~out.finished, sample_logp=out.logprobs * response_mask)
 
 
 def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temperature: float,
@@ -86,29 +103,37 @@ def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temp
 
 @torch.no_grad()
 def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn: RewardFn | None = None,
-                  with_values: bool = True, batch_size: int = 32) -> Rollout:
-    """Fill ``ro`` with old log-probs, entropy, values, reference log-probs and scores."""
+                  with_values: bool = True, batch_size: int = 32, with_policy: bool = True) -> Rollout:
+    """Fill ``ro`` with old log-probs, entropy, values, reference log-probs and scores.
+
+    ``with_policy=False`` skips the policy pass (``ro.logp``/``entropy``/``values`` stay None):
+    with ONE optimisation pass over ONE minibatch, the update's own forward gives the old
+    log-probs (see ``ppo.ppo_update``), as TRL does."""
     was_training = backbone.model.training
     backbone.train(False)
     P, mask = ro.prompt_len, ro.response_mask
     logps, refs, ents, vals, scores = [], [], [], [], []
     for i in range(0, len(ro), batch_size):
         ids, attn = ro.input_ids[i: i + batch_size], ro.attention_mask[i: i + batch_size]
-        with backbone.use("policy"):
-            logp, ent, val = policy_outputs(backbone, ids, attn, P, temperature=temperature, with_values=with_values)
+        if with_policy:
+            with backbone.use("policy"):
+                logp, ent, val = policy_outputs(backbone, ids, attn, P, temperature=temperature,
+                                                with_values=with_values)
+            logps.append(logp), ents.append(ent)
+            if val is not None:
+                vals.append(val)
         with backbone.use(backbone.reference_adapter):
             ref = backbone.token_logprobs(backbone.hidden_states(ids, attn)[:, P - 1: -1], ids[:, P:],
                                           temperature=temperature)
-        logps.append(logp), ents.append(ent), refs.append(ref)
-        if val is not None:
-            vals.append(val)
+        refs.append(ref)
         if reward_fn is None:
             r_ids, r_attn = reward_layout(ids, attn, mask[i: i + batch_size], P, backbone.eos_token_ids(),
                                           end_of_turn_id(backbone.tokenizer), backbone.tokenizer.pad_token_id)
             scores.append(backbone.reward_scores(r_ids, r_attn).float())
     backbone.train(was_training)
 
-    ro.logp, ro.entropy, ro.ref_logp = (torch.cat(x) * mask for x in (logps, ents, refs))
+    ro.ref_logp = torch.cat(refs) * mask
+    ro.logp, ro.entropy = (torch.cat(x) * mask if x else None for x in (logps, ents))
     ro.values = torch.cat(vals) * mask if vals else None
     ro.scores = torch.cat(scores) if reward_fn is None else call_reward_fn(reward_fn, ro, device=mask.device)
     return ro
@@ -135,8 +160,23 @@ def reward_layout(input_ids, attention_mask, response_mask, prompt_len: int, eos
     return torch.cat([input_ids[:, :P], new], 1), torch.cat([attention_mask[:, :P], new_attn], 1)
 
 
+def accepts_truncated(reward_fn) -> bool:
+    """Whether ``reward_fn`` takes a ``truncated`` keyword (or **kwargs): read from its signature,
+    so 2-argument reward functions keep working."""
+    import inspect
+
+    try:
+        params = inspect.signature(reward_fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return False
+    return any(p.name == "truncated" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD for p in params)
+
+
 def call_reward_fn(reward_fn: RewardFn, ro: Rollout, device) -> torch.Tensor:
-    out = reward_fn(list(ro.prompts), list(ro.completions))
+    truncated = getattr(ro, "truncated", None)  # [B] bool: no EOS within max_new_tokens
+    pass_truncated = truncated is not None and accepts_truncated(reward_fn)
+    kwargs = {"truncated": [bool(t) for t in truncated]} if pass_truncated else {}
+    out = reward_fn(list(ro.prompts), list(ro.completions), **kwargs)
     try:
         values = [float(v) for v in out]
     except (TypeError, ValueError):

@@ -64,3 +64,19 @@ def label_range(labels: Tensor, vocab_size: int) -> None:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labels must lie in [0, {vocab_size}) (the vocabulary size), found {bad}; "
                          "mask ignored positions (e.g. -100) out before calling")
+
+
+def mask_dtype(name: str, mask: Tensor) -> None:
+    if mask.is_complex():
+        raise ValueError(f"{name} must be a bool or 0/1 real tensor, got {mask.dtype}")
+
+
+def binary_mask(mask: Tensor, name: str = "mask") -> None:
+    """A mask selects tokens, it does not weight them: bool, or only 0/1 (NaN is refused too).
+    Reads the data, so the ops call it inside their custom op (eager, also under compile)."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be boolean or hold only 0/1 (it selects tokens, it does not "
+                         f"weight them), found {mask[bad][0].item()}")

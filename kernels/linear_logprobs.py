@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _validate, dispatch
+from .logprob_options import LogprobOptions
 
 # Logit elements per chunk: small on CPU (cache, memory), larger on a GPU (fills the matmul).
 _CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
@@ -34,10 +35,12 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tens
 
 @torch.library.custom_op("rlfuse::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                        temperature: float, with_entropy: bool, chunk_size: int,
+                        temperature: float, softcap: float | None, logit_scale: float,
+                        with_entropy: bool, chunk_size: int,
                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _validate.label_range(labels, weight.shape[0])
     impl = dispatch.get(backend)
+    opts = LogprobOptions(temperature, softcap, logit_scale)
     n, v = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
@@ -46,7 +49,7 @@ def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, lab
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         logits = _chunk_logits(hidden[s:e], weight, bias, buf[: e - s])
-        lp, ls, ent = impl.logprobs_forward(logits, labels[s:e], temperature, with_entropy)
+        lp, ls, ent = impl.logprobs_forward(logits, labels[s:e], opts, with_entropy)
         logp[s:e], lse[s:e] = lp, ls
         if with_entropy:
             entropy[s:e] = ent
@@ -54,7 +57,7 @@ def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, lab
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, bias, labels, temperature, with_entropy, chunk_size, backend):
+def _(hidden, weight, bias, labels, temperature, softcap, logit_scale, with_entropy, chunk_size, backend):
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), hidden.new_empty(n if with_entropy else 0, **f32)
@@ -63,9 +66,11 @@ def _(hidden, weight, bias, labels, temperature, with_entropy, chunk_size, backe
 @torch.library.custom_op("rlfuse::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                                  lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                                 grad_entropy: Tensor | None, temperature: float, chunk_size: int,
+                                 grad_entropy: Tensor | None, temperature: float,
+                                 softcap: float | None, logit_scale: float, chunk_size: int,
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = dispatch.get(backend)
+    opts = LogprobOptions(temperature, softcap, logit_scale)
     n, v = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     # float32 accumulation across chunks when the weight is float32; low-precision weights
@@ -81,7 +86,7 @@ def _linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | 
         g = impl.logprobs_backward(logits, labels[s:e], lse[s:e],
                                    entropy[s:e] if entropy.numel() else entropy, grad_logp[s:e],
                                    None if grad_entropy is None else grad_entropy[s:e],
-                                   temperature, True)
+                                   opts, True)
         torch.mm(g, weight, out=grad_hidden[s:e])
         grad_weight.addmm_(g.t(), hidden[s:e])
         if bias is not None:
@@ -90,27 +95,28 @@ def _linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | 
 
 
 @_linear_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, chunk_size, backend):
+def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap, logit_scale,
+      chunk_size, backend):
     gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
     return torch.empty_like(hidden), torch.empty_like(weight), gb
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, with_entropy, chunk_size, backend = inputs
+    hidden, weight, bias, labels, temperature, softcap, logit_scale, with_entropy, chunk_size, backend = inputs
     _logp, lse, entropy = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-    ctx.args = (temperature, with_entropy, chunk_size, backend)
+    ctx.args = (temperature, softcap, logit_scale, with_entropy, chunk_size, backend)
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_entropy):
     hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-    temperature, with_entropy, chunk_size, backend = ctx.args
+    temperature, softcap, logit_scale, with_entropy, chunk_size, backend = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     gh, gw, gb = _linear_logprobs_backward_op(hidden, weight, bias, labels, lse, entropy, grad_logp,
                                               grad_entropy if with_entropy else None, temperature,
-                                              chunk_size, backend)
-    return gh, gw, (gb if bias is not None else None), None, None, None, None, None
+                                              softcap, logit_scale, chunk_size, backend)
+    return gh, gw, (gb if bias is not None else None), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("rlfuse::linear_logprobs", _backward, setup_context=_setup_context)
@@ -118,9 +124,11 @@ torch.library.register_autograd("rlfuse::linear_logprobs", _backward, setup_cont
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                     temperature: float = 1.0, return_entropy: bool = False,
-                    chunk_size: int | None = None):
-    """log softmax((hidden @ weight.T + bias) / temperature) at ``labels``, never materialising
-    the [tokens, vocab] logits in forward or backward.
+                    chunk_size: int | None = None, softcap: float | None = None,
+                    logit_scale: float | None = None):
+    """log softmax(z) at ``labels``, z = the logits hidden @ weight.T + bias transformed by
+    ``LogprobOptions`` (logit_scale, softcap, temperature), never materialising the
+    [tokens, vocab] logits in forward or backward.
 
     Args:
         hidden: [..., H] last hidden states (fp32/bf16/fp16).
@@ -129,6 +137,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
         bias: optional [V] LM-head bias.
         temperature: divides the logits before the softmax (> 0).
         return_entropy: also return the entropy of the softmax.
+        softcap: Gemma-2/3 final-logit soft-cap (logits = c·tanh(logits / c)); None: none.
+        logit_scale: multiplies the logits first (Cohere; 1/logits_scaling for Granite).
         chunk_size: tokens per chunk (default: sized so a chunk's logits stay ~16 MB (fp32) on CPU,
             ~128 MB on a GPU).
 
@@ -153,7 +163,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
             raise ValueError(f"bias ({bias.dtype}) and weight ({weight.dtype}) must share a dtype")
     _validate.integer_labels(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     _validate.same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    _validate.positive("temperature", temperature)
+    opts = LogprobOptions.create(temperature, softcap, logit_scale)
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension")
     if chunk_size is not None and int(chunk_size) < 1:
@@ -164,7 +174,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Ten
     chunk = int(chunk_size) if chunk_size else default_chunk_size(n, weight.shape[0], hidden.device)
     backend = dispatch.resolve(hidden.device, "logprobs_forward")
     logp, _lse, entropy = _linear_logprobs_op(h2, weight, bias, labels.reshape(-1).long(),
-                                              float(temperature), bool(return_entropy),
+                                              *opts.as_args(), bool(return_entropy),
                                               max(1, min(chunk, max(n, 1))), backend)
     logp = logp.reshape(lead)
     return (logp, entropy.reshape(lead)) if return_entropy else logp

@@ -9,24 +9,35 @@ from torch import Tensor
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
-                         return_entropy: bool = False):
-    """log softmax(logits / T)[label], and optionally the entropy of softmax(logits / T)."""
-    z = logits / temperature
+                         return_entropy: bool = False, softcap: float | None = None,
+                         logit_scale: float | None = None):
+    """log softmax(z)[label], and optionally the entropy of softmax(z), where
+    z = softcap·tanh(logits·logit_scale / softcap) / T (each step only when given)."""
+    z = logits
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     logprobs = torch.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    # 0·log 0 = 0 for -inf logits; the select goes inside the product so its gradient is 0 too
+    finite = torch.where(torch.isneginf(logprobs), torch.zeros_like(logprobs), logprobs)
+    entropy = -(logprobs.exp() * finite).sum(-1)
     return logp, entropy
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                    temperature: float = 1.0, return_entropy: bool = False):
+                    temperature: float = 1.0, return_entropy: bool = False,
+                    softcap: float | None = None, logit_scale: float | None = None):
     """The unfused LM head: materialises hidden @ weight.T (the thing the kernels avoid)."""
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    return logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=return_entropy,
+                                softcap=softcap, logit_scale=logit_scale)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, *, gamma: float = 1.0,
@@ -72,22 +83,55 @@ def masked_whiten(x: Tensor, mask: Tensor | None, *, shift_mean: bool = True, ep
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's k1/k2/k3)."""
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's k1/k2/k3).
+
+    "k1+" and "k3+" are straight-through: the value of k1 / k3 with the gradient of k2 (= d).
+    """
     d = logp - ref_logp
+    k2 = 0.5 * d * d
     if estimator == "k1":
         return d
     if estimator == "k2":
-        return 0.5 * d * d
+        return k2
     if estimator == "k3":
         return torch.exp(-d) + d - 1
-    raise ValueError(f"unknown kl_estimator {estimator!r}; choose from 'k1', 'k2', 'k3'")
+    if estimator in ("k1+", "k3+"):
+        value = kl_penalty(logp, ref_logp, estimator[:2]).detach()
+        return value + (k2 - k2.detach())
+    raise ValueError(f"unknown kl_estimator {estimator!r}; choose from 'k1', 'k2', 'k3', 'k1+', 'k3+'")
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean",
+                   loss_agg_norm: float | None = None) -> Tensor:
+    """Reduce per-token losses to one scalar; rows = leading dims, tokens = the last dim.
+
+    token-mean: mean over all valid tokens. seq-mean-token-mean: each row's token mean, then
+    the mean over rows. seq-mean-token-sum-norm: each row's token sum / loss_agg_norm (default
+    the row length T), then the mean over rows. Rows without a valid token are not counted.
+    """
+    if loss_agg == "token-mean" or per_token.numel() == 0:
+        return masked_mean(per_token, mask)
+    t = per_token.shape[-1] if per_token.dim() else 1
+    x, m = per_token.reshape(-1, t), mask.reshape(-1, t).bool()
+    row_sum = torch.where(m, x, 0.0).sum(-1)
+    count = m.sum(-1).to(x.dtype)
+    if loss_agg == "seq-mean-token-mean":
+        row_loss = row_sum / count.clamp_min(1)
+    elif loss_agg == "seq-mean-token-sum-norm":
+        row_loss = row_sum / (t if loss_agg_norm is None else loss_agg_norm)
+    else:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    rows = count > 0
+    return torch.where(rows, row_loss, 0.0).sum() / rows.sum().clamp_min(1)
 
 
 def ppo_loss(logp, old_logp, advantages, mask=None, *, clip_eps=0.2, clip_eps_high=None,
              dual_clip=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", entropy=None,
              entropy_coef=0.0, values=None, old_values=None, returns=None, value_clip=0.2,
-             value_coef=0.5):
-    """Clipped PPO objective (+ KL, entropy and clipped value terms), token mean over mask."""
+             value_coef=0.5, loss_agg="token-mean", loss_agg_norm=None):
+    """Clipped PPO objective (+ KL, entropy and clipped value terms), aggregated over mask by
+    ``loss_agg`` (see aggregate_loss); the stats are token means whatever loss_agg is.
+    ``values`` without ``old_values``: the value loss is not clipped."""
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -128,7 +172,7 @@ def ppo_loss(logp, old_logp, advantages, mask=None, *, clip_eps=0.2, clip_eps_hi
     def mean(x):
         return masked_mean(x, mask)
 
-    loss = mean(per_token)
+    loss = aggregate_loss(per_token, mask, loss_agg, loss_agg_norm)
     stats = {
         "loss": loss.detach(),
         "policy_loss": mean(pg).detach(),

@@ -1,5 +1,5 @@
 """The C++ CPU backend (rlfuse.kernels._C through kernels/backends/cpp.py) against float64
-references, plus its own promises: in-place backward, strided rows, every ppo_loss option,
+references, plus its own promises: in-place backward, strided rows, ppo_loss = the torch backend,
 writes to every output element, and bitwise determinism across thread counts.
 
 Skipped as a whole when the extension is not built.
@@ -16,6 +16,8 @@ import rlfuse.kernels as K
 from rlfuse.kernels import reference
 from rlfuse.kernels.backends import cpp, torch_backend
 from rlfuse.kernels.backends import STATS_FIELDS
+from rlfuse.kernels.ppo_loss import token_loss_weights
+from rlfuse.kernels.ppo_options import PPOLossOptions
 
 pytestmark = pytest.mark.skipif(not cpp.AVAILABLE, reason=f"cpp backend unavailable: "
                                 f"{getattr(cpp, 'UNAVAILABLE_REASON', '')}")
@@ -91,52 +93,6 @@ GRAD_RTOL = {torch.float32: 2e-5, torch.float64: 2e-5, torch.bfloat16: 2.0 ** -8
 
 
 # ------------------------------------------------------------------------------------ log-probs
-@pytest.mark.parametrize("temperature", (0.7, 1.0, 1.5))
-@pytest.mark.parametrize("vocab", (1, 3, 1000, 50257))
-@pytest.mark.parametrize("ndim", (2, 3))
-def test_logprobs_forward_backward_fp32(vocab, ndim, temperature):
-    rows = 3 if vocab > 10_000 else 11
-    shape = (rows, vocab) if ndim == 2 else (2, (rows + 1) // 2, vocab)
-    logits = rand_logits(shape, seed=vocab + ndim).requires_grad_(True)
-    labels = rand_labels(shape[:-1], vocab, seed=ndim)
-    ref_lp, ref_ent, ref_grad = ref_logprobs(logits, labels, temperature)
-    with K.use_backend("cpp"):
-        logp = K.logprobs_from_logits(logits, labels, temperature=temperature)
-        logp2, ent = K.logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
-    for t in (logp, logp2, ent):
-        assert t.dtype == torch.float32 and t.shape == shape[:-1]
-    assert_close(logp, ref_lp, name="logp", **lp_tol(vocab))
-    assert_close(logp2, ref_lp, name="logp (entropy on)", **lp_tol(vocab))
-    assert_close(ent, ref_ent, name="entropy", **lp_tol(vocab))
-
-    g_lp = torch.randn(shape[:-1], generator=gen(7))
-    g_ent = torch.randn(shape[:-1], generator=gen(8))
-    (gx,) = torch.autograd.grad((logp * g_lp).sum(), logits)
-    assert_close(gx, ref_grad(g_lp), atol=1e-6, rtol=2e-5, name="grad (logp)")
-    (gx,) = torch.autograd.grad((logp2 * g_lp).sum() + (ent * g_ent).sum(), logits)
-    assert_close(gx, ref_grad(g_lp, g_ent), atol=2e-6, rtol=2e-5, name="grad (logp + entropy)")
-
-
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float64))
-@pytest.mark.parametrize("vocab", (3, 1000, 50257))
-def test_logprobs_low_precision_and_fp64(dtype, vocab):
-    rows = 3 if vocab > 10_000 else 9
-    logits = rand_logits((rows, vocab), seed=vocab, dtype=dtype).requires_grad_(True)
-    labels = rand_labels((rows,), vocab, seed=vocab)
-    ref_lp, ref_ent, ref_grad = ref_logprobs(logits, labels, 0.9)
-    with K.use_backend("cpp"):
-        logp, ent = K.logprobs_from_logits(logits, labels, temperature=0.9, return_entropy=True)
-    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
-    # computed in float32 from the same low-precision inputs: only float32 rounding remains
-    assert_close(logp, ref_lp, name="logp", **lp_tol(vocab))
-    assert_close(ent, ref_ent, name="entropy", **lp_tol(vocab))
-    g_lp, g_ent = torch.randn(rows, generator=gen(1)), torch.randn(rows, generator=gen(2))
-    (gx,) = torch.autograd.grad((logp * g_lp).sum() + (ent * g_ent).sum(), logits)
-    assert gx.dtype == dtype
-    # the gradient is rounded once to the logits dtype
-    assert_close(gx, ref_grad(g_lp, g_ent), atol=2e-6, rtol=GRAD_RTOL[dtype], name=f"grad {dtype}")
-
-
 def test_logprobs_noncontiguous_rows():
     """logits[:, :-1] (a strided 3-D view) through the public op, and a strided 2-D view
     straight into the backend (row stride V + 1), forward and in-place backward."""
@@ -211,29 +167,6 @@ def test_logprobs_vocab_one_and_extremes():
     assert_close(lp, r_lp, atol=1e-4, rtol=1e-6, name="logp with -inf logits")
     g = cpp.logprobs_backward(x, lab, lse, None, torch.ones(4), None, 1.0, False)
     assert torch.isfinite(g).all() and torch.equal(g[:, :50], torch.zeros(4, 50))
-
-
-@pytest.mark.parametrize("with_bias", (False, True))
-def test_linear_logprobs_through_cpp(with_bias):
-    """The fused LM head drives the in-place backward chunk by chunk."""
-    n, h, v = 37, 16, 1003
-    hidden = torch.randn(n, h, generator=gen(1)).requires_grad_(True)
-    weight = (torch.randn(v, h, generator=gen(2)) * 0.3).requires_grad_(True)
-    bias = (torch.randn(v, generator=gen(3)) * 0.1).requires_grad_(True) if with_bias else None
-    labels = rand_labels((n,), v, seed=5)
-    with K.use_backend("cpp"):
-        lp, ent = K.linear_logprobs(hidden, weight, labels, bias=bias, temperature=1.2,
-                                    return_entropy=True, chunk_size=8)
-    params = [hidden, weight] + ([bias] if with_bias else [])
-    grads = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), params)
-    p64 = [p.detach().double().requires_grad_(True) for p in params]
-    r_lp, r_ent = reference.linear_logprobs(p64[0], p64[1], labels, bias=p64[2] if with_bias else None,
-                                            temperature=1.2, return_entropy=True)
-    r_grads = torch.autograd.grad(r_lp.sum() + 0.5 * r_ent.sum(), p64)
-    assert_close(lp, r_lp, atol=3e-5, rtol=2e-6, name="logp")
-    assert_close(ent, r_ent, atol=3e-5, rtol=2e-6, name="entropy")
-    for name, g, r in zip(("hidden", "weight", "bias"), grads, r_grads):
-        assert_close(g, r, atol=2e-5, rtol=1e-4, name=f"grad {name}")
 
 
 # ------------------------------------------------------------------------------------ GAE
@@ -323,99 +256,56 @@ PPO_CASES = {
     "values_clipped": dict(values="old", value_clip=0.2, value_coef=0.5),
     "everything": dict(clip_eps_high=0.3, dual_clip=2.5, kl="k3", kl_coef=0.1, entropy=True,
                        entropy_coef=0.02, values="old", value_clip=0.1, value_coef=0.25),
+    "k1+_seq_mean": dict(kl="k1+", kl_coef=0.1, entropy=True, entropy_coef=0.01, values="old",
+                         loss_agg="seq-mean-token-mean"),
+    "k3+_sum_norm": dict(kl="k3+", kl_coef=0.1, values="plain", dual_clip=3.0,
+                         loss_agg="seq-mean-token-sum-norm"),
 }
 
 
-def _ppo_call(inp, case, cast=lambda t: t):
-    kw = dict(clip_eps=0.2, clip_eps_high=case.get("clip_eps_high"), dual_clip=case.get("dual_clip"),
-              kl_coef=case.get("kl_coef", 0.0), kl_estimator=case.get("kl", "k3"),
-              entropy_coef=case.get("entropy_coef", 0.0), value_coef=case.get("value_coef", 0.5),
-              value_clip=case.get("value_clip", 0.2))
-    leaves = {"logp": cast(inp["logp"]).requires_grad_(True)}
-    if case.get("entropy"):
-        leaves["entropy"] = cast(inp["entropy"]).requires_grad_(True)
-    if case.get("values"):
-        leaves["values"] = cast(inp["values"]).requires_grad_(True)
-        kw["returns"] = cast(inp["returns"])
-        if case["values"] == "old":
-            kw["old_values"] = cast(inp["old_values"])
-    if case.get("kl"):
-        kw["ref_logp"] = cast(inp["ref_logp"])
-    args = (leaves["logp"], cast(inp["old_logp"]), cast(inp["advantages"]), inp["mask"])
-    return leaves, args, {**kw, **{k: v for k, v in leaves.items() if k != "logp"}}
+def _ppo_options(case):
+    return PPOLossOptions(clip_eps=0.2, clip_eps_high=case.get("clip_eps_high"), dual_clip=case.get("dual_clip"),
+                          kl_coef=case.get("kl_coef", 0.0), kl_estimator=case.get("kl", "k3"),
+                          entropy_coef=case.get("entropy_coef", 0.0), value_clip=case.get("value_clip", 0.2),
+                          value_coef=case.get("value_coef", 0.5), loss_agg=case.get("loss_agg", "token-mean"))
 
 
 @pytest.mark.parametrize("ties", (False, True))
 @pytest.mark.parametrize("name", sorted(PPO_CASES))
-def test_ppo_loss_against_reference(name, ties):
+def test_ppo_loss_same_conventions_as_torch_backend(name, ties):
+    """Semantics against the reference live in tests/test_ops_ppo_loss.py; here: the C++ kernel
+    matches the torch backend directly (tie-breaking, branch choice) and writes every output
+    element (the heap is poisoned first), over several of its 4096-token blocks."""
     case = PPO_CASES[name]
     inp = _ppo_inputs(3 * 4096 + 77, seed=len(name), ties=ties)
-    leaves, args, kw = _ppo_call(inp, case)
-    with K.use_backend("cpp"):
-        loss, stats = K.ppo_loss(*args, **kw)
-    grads = torch.autograd.grad(loss * 1.7, list(leaves.values()))
-
-    r_leaves, r_args, r_kw = _ppo_call(inp, case, cast=lambda t: t.double())
-    r_loss, r_stats = reference.ppo_loss(*r_args, **r_kw)
-    r_grads = torch.autograd.grad(r_loss * 1.7, list(r_leaves.values()))
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_close(loss, r_loss, atol=2e-6, rtol=1e-5, name="loss")
-    for field in STATS_FIELDS:
-        assert_close(stats[field], r_stats[field], atol=2e-6, rtol=1e-5, name=f"stats[{field}]")
-    for leaf, g, r in zip(leaves, grads, r_grads):
-        assert_close(g, r, atol=1e-9, rtol=1e-5, name=f"grad {leaf}")
-
-    # and the same conventions (tie-breaking, branch choice) as the torch backend, directly
-    pos = dict(ref_logp=None, entropy=None, values=None, old_values=None, returns=None)
-    flat = {k: (kw.get(k) if k not in leaves else leaves[k]) for k in pos}
-    flat = {k: (None if v is None else v.detach().float()) for k, v in flat.items()}
-    opts = dict(clip_eps=0.2, clip_eps_high=case.get("clip_eps_high") or 0.2,
-                dual_clip=case.get("dual_clip"), kl_coef=case.get("kl_coef", 0.0),
-                kl_estimator=case.get("kl", "k3"), entropy_coef=case.get("entropy_coef", 0.0),
-                value_clip=case.get("value_clip", 0.2), value_coef=case.get("value_coef", 0.5))
+    opts = _ppo_options(case)
+    flat = dict(ref_logp=inp["ref_logp"] if case.get("kl") else None,
+                entropy=inp["entropy"] if case.get("entropy") else None,
+                values=inp["values"] if case.get("values") else None,
+                old_values=inp["old_values"] if case.get("values") == "old" else None,
+                returns=inp["returns"] if case.get("values") else None)
     m = inp["mask"].float()
+    weight = token_loss_weights(m, 2473, opts)  # 5 rows of 2473 tokens
     poison_heap(m.numel() * 4)
-    out_c = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, **flat, **opts)
-    out_t = torch_backend.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, **flat, **opts)
+    out_c = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, *flat.values(), weight, opts)
+    out_t = torch_backend.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, *flat.values(),
+                                           weight, opts)
     assert len(out_c) == 5 and out_c[1].shape == (len(STATS_FIELDS),)
     for i, (c, t) in enumerate(zip(out_c, out_t)):
         assert c.shape == t.shape and c.dtype == torch.float32, f"output {i}: {c.shape} vs {t.shape}"
         torch.testing.assert_close(c, t, atol=1e-7, rtol=2e-5, msg=lambda s: f"output {i}: {s}")
 
 
-def test_ppo_loss_all_masked_and_no_nan():
-    inp = _ppo_inputs(5000, seed=3)
-    inp["mask"] = torch.zeros(5000, dtype=torch.bool)
-    leaves, args, kw = _ppo_call(inp, PPO_CASES["everything"])
-    with K.use_backend("cpp"):
-        loss, stats = K.ppo_loss(*args, **kw)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    assert loss.item() == 0.0
-    assert all(s.item() == 0.0 for s in stats.values())
-    for g in grads:
-        assert torch.equal(g, torch.zeros_like(g))
-    # masked positions holding overflowing ratios / infinities never leak NaN into the result
-    inp = _ppo_inputs(5000, seed=4)
-    bad = ~inp["mask"]
-    inp["logp"][bad] = 200.0          # ratio = inf at masked tokens
-    inp["values"][bad] = float("inf")
-    m = inp["mask"].float()
-    out = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], m, inp["ref_logp"],
-                               inp["entropy"], inp["values"], inp["old_values"], inp["returns"],
-                               clip_eps=0.2, clip_eps_high=0.2, dual_clip=None, kl_coef=0.1,
-                               kl_estimator="k2", entropy_coef=0.01, value_clip=0.2, value_coef=0.5)
-    for t in out:
-        assert torch.isfinite(t).all()
-    assert torch.equal(out[2][bad], torch.zeros(int(bad.sum())))
-
-
-def test_ppo_loss_rejects_unknown_estimator():
+def test_ppo_loss_rejects_unknown_codes():
+    """The extension checks the integer codes it is handed (Python validates the names)."""
     inp = _ppo_inputs(10, seed=1)
-    with pytest.raises(ValueError):
-        cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(),
-                             inp["ref_logp"], None, None, None, None, clip_eps=0.2, clip_eps_high=0.2,
-                             dual_clip=None, kl_coef=0.1, kl_estimator="k4", entropy_coef=0.0,
-                             value_clip=0.2, value_coef=0.5)
+    args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(), inp["ref_logp"],
+            None, None, None, None, None)
+    flat = PPOLossOptions(kl_coef=0.1).as_op_args()
+    with pytest.raises(RuntimeError, match="kl_estimator"):
+        cpp._C.ppo_loss_forward(*args, *flat[:4], 9, *flat[5:])
+    with pytest.raises(RuntimeError, match="loss weight"):
+        cpp._C.ppo_loss_forward(*args, *flat[:8], 1, None)
 
 
 # ------------------------------------------------------------------------------------ determinism
@@ -432,12 +322,14 @@ def _all_outputs():
     # sizes above the kernels' per-task grains, so 2 and 3 threads really split the work
     adv, ret = cpp.gae(rewards.repeat(2000, 1), values.repeat(2000, 1), mask.repeat(2000, 1), 0.99, 0.95)
     inp = _ppo_inputs(400 * 4096 + 1234, seed=9)
-    ppo = cpp.ppo_loss_forward(inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(),
-                               inp["ref_logp"], inp["entropy"], inp["values"], inp["old_values"],
-                               inp["returns"], clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0,
-                               kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, value_clip=0.2,
-                               value_coef=0.5)
-    return [lp, lse, ent, grad, lpb, lseb, entb, gradb, adv, ret, *ppo]
+    args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(), inp["ref_logp"],
+            inp["entropy"], inp["values"], inp["old_values"], inp["returns"])
+    opts = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
+                entropy_coef=0.01, value_clip=0.2, value_coef=0.5)
+    ppo = cpp.ppo_loss_forward(*args, None, PPOLossOptions(**opts))
+    seq = PPOLossOptions(**opts, loss_agg="seq-mean-token-mean")
+    ppo_seq = cpp.ppo_loss_forward(*args, token_loss_weights(args[3], args[3].numel() // 2, seq), seq)
+    return [lp, lse, ent, grad, lpb, lseb, entb, gradb, adv, ret, *ppo, *ppo_seq]
 
 
 def _bits(t):

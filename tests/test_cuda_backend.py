@@ -22,6 +22,8 @@ import torch
 
 from rlfuse.kernels import reference
 from rlfuse.kernels.backends import STATS_FIELDS
+from rlfuse.kernels.ppo_loss import token_loss_weights
+from rlfuse.kernels.ppo_options import PPOLossOptions
 
 
 def _cuda_backend():
@@ -53,11 +55,16 @@ def ref_gae(rewards, values, mask, gamma, lam):
                          None if mask is None else mask.cpu(), gamma=gamma, lam=lam)
 
 
-def ref_ppo(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, **options):
-    """(loss, stats[7], grad_logp, grad_entropy | None, grad_values | None) in float64."""
+def ref_ppo(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, row_len=None,
+            **options):
+    """(loss, stats[7], grad_logp, grad_entropy | None, grad_values | None) in float64; the 1-D
+    inputs are rows of ``row_len`` tokens (one row when None) for the loss aggregation."""
 
     def d(t, grad=False):
-        return None if t is None else t.detach().cpu().double().requires_grad_(grad)
+        if t is None:
+            return None
+        t = t.detach().cpu().double()
+        return (t.view(-1, row_len) if row_len else t).requires_grad_(grad)
 
     logp, entropy, values = d(logp, True), d(entropy, True), d(values, True)
     loss, stats = reference.ppo_loss(logp, d(old_logp), d(advantages), d(mask), ref_logp=d(ref_logp),
@@ -65,9 +72,9 @@ def ref_ppo(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_val
                                      returns=d(returns), **options)
     inputs = [t for t in (logp, entropy, values) if t is not None]
     grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
-    g_logp = next(grads)
-    g_ent = None if entropy is None else next(grads)
-    g_val = None if values is None else next(grads)
+    g_logp = next(grads).reshape(-1)
+    g_ent = None if entropy is None else next(grads).reshape(-1)
+    g_val = None if values is None else next(grads).reshape(-1)
     return loss.detach(), torch.stack([stats[k] for k in STATS_FIELDS]), g_logp, g_ent, g_val
 
 
@@ -171,6 +178,39 @@ def check_logprobs_backward(backend, device, n, vocab, dtype, layout, temperatur
         assert (grad[2] == 0).all(), "a row with zero incoming gradients must get zero gradients"
 
 
+def check_logprobs_transform(backend, device, dtype, softcap, logit_scale, temperature=0.8, n=5, vocab=777):
+    """Soft-capped / scaled logits (LogprobOptions) with -inf entries, forward and backward (into
+    ``out``), against the float64 reference through autograd."""
+    from rlfuse.kernels.logprob_options import LogprobOptions
+
+    opts = LogprobOptions.create(temperature, softcap, logit_scale)
+    x = (helpers.randn(n, vocab, seed=vocab + 1) * 6).to(dtype)
+    x[1, ::5] = -float("inf")  # a masked vocabulary
+    x[2, 3] = -float("inf")
+    labels = _labels(n, vocab, "cpu")
+    labels[3] = 3  # a label whose own logit is finite next to -inf ones
+    g_lp, g_h = helpers.randn(n, seed=7), helpers.randn(n, seed=8)
+    z = x.double().requires_grad_()
+    want_logp, want_h = reference.logprobs_from_logits(z, labels, temperature=temperature, softcap=softcap,
+                                                       logit_scale=logit_scale, return_entropy=True)
+    ((want_logp * g_lp.double()).sum() + (want_h * g_h.double()).sum()).backward()
+    logits, labels_d = x.to(device), labels.to(device)
+    logp, lse, entropy = backend.logprobs_forward(logits, labels_d, opts, True)
+    tol = dict(rtol=2e-5, atol=2e-5 * max(1.0, want_logp.abs().max().item()))
+    helpers.assert_close_verbose(logp, want_logp.detach(), name="logp", **tol)
+    helpers.assert_close_verbose(entropy, want_h.detach(), name="entropy", **tol)
+    out = torch.full_like(logits, float("nan"))
+    grad = backend.logprobs_backward(logits, labels_d, lse, entropy, g_lp.to(device), g_h.to(device), opts,
+                                     False, out=out)
+    assert grad.data_ptr() == out.data_ptr() and torch.isfinite(grad).all()
+    if dtype == torch.float32:
+        helpers.assert_close_verbose(grad, z.grad, rtol=2e-5, atol=1e-6 * max(1.0, z.grad.abs().max().item()),
+                                     name="grad_logits")
+    else:  # the gradient rounded to the logits dtype
+        helpers.assert_close_verbose(grad, z.grad, rtol=1e-2, atol=1e-2 * z.grad.abs().max().item(),
+                                     name="grad_logits")
+
+
 def check_logprobs_extreme(backend, device):
     """3-D logits, a -inf logit (a banned token: p = 0 must not turn into NaN), a near one-hot row."""
     logits = helpers.randn(2, 5, 300, seed=11)
@@ -181,10 +221,7 @@ def check_logprobs_extreme(backend, device):
     logits, labels = logits.to(device), labels.to(device)
     logp, lse, entropy = backend.logprobs_forward(logits, labels, 1.0, True)
     flat = logits.reshape(-1, 300).cpu()
-    want_logp, _, want_entropy = ref_logprobs(flat, labels.reshape(-1).cpu(), 1.0)
-    # the reference's 0 * log 0 is NaN: the banned column adds nothing, so drop it there
-    keep = torch.arange(300) != 7
-    want_entropy[0] = ref_logprobs(flat[:1, keep], torch.tensor([7]), 1.0)[2][0]
+    want_logp, _, want_entropy = ref_logprobs(flat, labels.reshape(-1).cpu(), 1.0)  # 0·log 0 = 0 there too
     helpers.assert_close_verbose(logp, want_logp, rtol=1e-5, atol=1e-4, name="logp")
     helpers.assert_close_verbose(entropy, want_entropy, rtol=1e-5, atol=1e-4, name="entropy")
     ones = torch.ones(10, device=device)
@@ -269,12 +306,21 @@ def ppo_case(n, device, *, ref, ent, val, old_val, mask_kind="random", seed=0):
     return {k: None if v is None else v.to(device) for k, v in t.items()}
 
 
+def ppo_call(backend, inputs, opts, row_len=None):
+    """backend.ppo_loss_forward with the options as a PPOLossOptions and the op's loss weights."""
+    options = PPOLossOptions(**opts)
+    mask = inputs["mask"]
+    weight = token_loss_weights(mask.float(), row_len or max(mask.numel(), 1), options)
+    return backend.ppo_loss_forward(*inputs.values(), weight, options)
+
+
 def check_ppo(backend, device, n, *, ref=True, ent=True, val=True, old_val=True, mask_kind="random", **options):
     opts = {**PPO_DEFAULTS, **options}
     inputs = ppo_case(n, device, ref=ref, ent=ent, val=val, old_val=old_val, mask_kind=mask_kind, seed=n)
+    row_len = 50 if n % 50 == 0 and n > 0 else None  # rows for the loss aggregations
     poison_allocator(device)
-    out = backend.ppo_loss_forward(*inputs.values(), **opts)
-    want = ref_ppo(*inputs.values(), **opts)
+    out = ppo_call(backend, inputs, opts, row_len)
+    want = ref_ppo(*inputs.values(), row_len=row_len, **opts)
     loss, stats, g_logp, g_ent, g_val = out
     assert loss.dim() == 0 and stats.shape == (7,)
     helpers.assert_close_verbose(loss, want[0], rtol=1e-5, atol=1e-6, name="loss")
@@ -287,7 +333,7 @@ def check_ppo(backend, device, n, *, ref=True, ent=True, val=True, old_val=True,
         else:
             helpers.assert_close_verbose(got, exp, rtol=1e-5, atol=1e-6 * grad_scale, name=name)
     # bitwise reproducible
-    again = backend.ppo_loss_forward(*inputs.values(), **opts)
+    again = ppo_call(backend, inputs, opts, row_len)
     for a, b in zip(out, again):
         assert torch.equal(a, b), "ppo_loss_forward is not deterministic"
 
@@ -298,12 +344,15 @@ def check_ppo_masked_garbage(backend, device, n):
     mask = inputs["mask"]
     for key in ("logp", "old_logp", "advantages", "values", "returns"):
         inputs[key] = inputs[key].masked_fill(mask == 0, float("nan"))
-    loss, stats, g_logp, g_ent, g_val = backend.ppo_loss_forward(*inputs.values(), **PPO_DEFAULTS)
+    loss, stats, g_logp, g_ent, g_val = ppo_call(backend, inputs, PPO_DEFAULTS)
     assert torch.isfinite(loss) and torch.isfinite(stats).all()
     for g in (g_logp, g_ent, g_val):
         assert torch.isfinite(g).all() and (g[mask == 0] == 0).all()
+    for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):  # garbage never leaks via weights
+        out = ppo_call(backend, inputs, {**PPO_DEFAULTS, "loss_agg": agg}, row_len=n // 10)
+        assert all(torch.isfinite(t).all() for t in out) and (out[2][mask == 0] == 0).all(), agg
     inputs["mask"] = torch.zeros_like(mask)
-    loss, stats, g_logp, g_ent, g_val = backend.ppo_loss_forward(*inputs.values(), **PPO_DEFAULTS)
+    loss, stats, g_logp, g_ent, g_val = ppo_call(backend, inputs, PPO_DEFAULTS)
     assert loss.item() == 0.0 and (stats == 0).all()
     for g in (g_logp, g_ent, g_val):
         assert (g == 0).all()
@@ -312,9 +361,11 @@ def check_ppo_masked_garbage(backend, device, n):
 PPO_OPTION_GRID = [
     dict(ref=ref, ent=ent, val=val, old_val=old_val, kl_estimator=est, dual_clip=dual, value_clip=vclip)
     for ref, ent, val, old_val, est, dual, vclip in itertools.product(
-        (False, True), (False, True), (False, True), (False, True), ("k1", "k2", "k3"), (None, 3.0), (None, 0.2))
+        (False, True), (False, True), (False, True), (False, True), ("k1", "k2", "k3", "k1+", "k3+"), (None, 3.0),
+        (None, 0.2))
     if val or not old_val
-]
+] + [dict(ref=True, ent=True, val=True, old_val=True, kl_estimator=est, loss_agg=agg)
+     for est in ("k2", "k3+") for agg in ("seq-mean-token-mean", "seq-mean-token-sum-norm")]
 
 # ---------------------------------------------------------------------------------------------
 # GPU tests
@@ -352,6 +403,14 @@ def test_logprobs_empty_and_many_rows():
     check_logprobs_forward(BACKEND, "cuda", 0, 50, torch.float32, "contiguous", 1.0, True)
     check_logprobs_forward(BACKEND, "cuda", 70_000, 7, torch.bfloat16, "strided", 1.0, True)
     check_logprobs_backward(BACKEND, "cuda", 70_000, 7, torch.bfloat16, "strided", 1.0, True, False)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap,logit_scale", [(None, 0.25), (30.0, None), (4.0, -1.5)])
+def test_logprobs_softcap_logit_scale_and_neg_inf(dtype, softcap, logit_scale):
+    check_logprobs_transform(BACKEND, "cuda", dtype, softcap, logit_scale)
 
 
 @needs_cuda

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlfuse.kernels.ppo_options import PPOLossOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
@@ -190,6 +192,10 @@ EMU_PPO_CASES = [
     dict(ref=False, ent=True, val=False, old_val=False, kl_estimator="k3", dual_clip=1.5, value_clip=None),
     dict(ref=False, ent=False, val=False, old_val=False, kl_estimator="k1", dual_clip=None, value_clip=0.2),
     dict(ref=True, ent=False, val=True, old_val=True, kl_estimator="k1", dual_clip=2.0, value_clip=0.05),
+    dict(ref=True, ent=True, val=True, old_val=True, kl_estimator="k1+", loss_agg="seq-mean-token-mean"),
+    dict(ref=True, ent=False, val=True, old_val=False, kl_estimator="k3+", loss_agg="seq-mean-token-sum-norm"),
+    dict(ref=True, ent=True, val=False, old_val=False, kl_estimator="k3+", loss_agg="seq-mean-token-sum-norm",
+         loss_agg_norm=64.0, dual_clip=2.0),
 ]
 
 
@@ -202,10 +208,17 @@ def test_emu_ppo_loss_options(emu_backend, checks, case):
 @pytest.mark.parametrize("mask_kind", ["random", "none", "all"])
 def test_emu_ppo_loss_sizes(emu_backend, checks, n, mask_kind):
     checks.check_ppo(emu_backend, "cpu", n, mask_kind=mask_kind, clip_eps_high=0.2, dual_clip=2.0)
+    checks.check_ppo(emu_backend, "cpu", n, mask_kind=mask_kind, kl_estimator="k3+", loss_agg="seq-mean-token-mean")
 
 
 def test_emu_ppo_loss_masked_garbage(emu_backend, checks):
     checks.check_ppo_masked_garbage(emu_backend, "cpu", 3000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap,logit_scale", [(None, 0.25), (30.0, None), (4.0, -1.5)])
+def test_emu_logprobs_softcap_logit_scale_and_neg_inf(emu_backend, checks, dtype, softcap, logit_scale):
+    checks.check_logprobs_transform(emu_backend, "cpu", dtype, softcap, logit_scale)
 
 
 def test_emu_rejects_bad_inputs(emu_backend):
@@ -214,18 +227,36 @@ def test_emu_rejects_bad_inputs(emu_backend):
     with pytest.raises(RuntimeError, match="labels"):
         emu_backend._C.logprobs_forward(logits, labels.int(), 1.0, False)
     with pytest.raises(RuntimeError, match="temperature"):
-        emu_backend.logprobs_forward(logits, labels, 0.0, False)
+        emu_backend._C.logprobs_forward(logits, labels, 0.0, False)
+    with pytest.raises(RuntimeError, match="softcap"):
+        emu_backend._C.logprobs_forward(logits, labels, 1.0, False, -1.0, 1.0)
+    with pytest.raises(RuntimeError, match="logit_scale"):
+        emu_backend._C.logprobs_forward(logits, labels, 1.0, False, None, 0.0)
+    with pytest.raises(RuntimeError, match="out must"):
+        emu_backend._C.logprobs_backward(logits, labels, torch.zeros(4), torch.empty(0), torch.ones(4), None, 1.0, False,
+                                         None, 1.0, torch.empty(4, 9))
     _, lse, _ = emu_backend.logprobs_forward(logits, labels, 1.0, False)
     with pytest.raises(ValueError, match="entropy"):
         emu_backend.logprobs_backward(logits, labels, lse, torch.empty(0), torch.ones(4), torch.ones(4), 1.0, False)
-    with pytest.raises(ValueError, match="kl_estimator"):
-        emu_backend.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None,
-                                     **{**_ppo_defaults(), "kl_estimator": "k4"})
+    flat = PPOLossOptions().as_op_args()
+    with pytest.raises(RuntimeError, match="kl_estimator"):  # codes outside ppo_options.KL_CODES
+        emu_backend._C.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None, None,
+                                        *flat[:4], 9, *flat[5:])
+    with pytest.raises(RuntimeError, match="loss weight"):
+        emu_backend._C.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None, None,
+                                        *flat[:8], 1, None)
 
 
-def _ppo_defaults():
-    return dict(clip_eps=0.2, clip_eps_high=0.2, dual_clip=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0,
-                value_clip=0.2, value_coef=0.5)
+def test_ppo_codes_match_the_python_table():
+    """csrc/common/ppo_options.h spells the codes of kernels/ppo_options.py, the one table."""
+    import re
+
+    from rlfuse.kernels.ppo_options import KL_CODES, LOSS_AGG_CODES
+    header = (ROOT / "csrc" / "common" / "ppo_options.h").read_text()
+    found = {name: int(v) for name, v in re.findall(r"RLFUSE_(KL_\w+|AGG_\w+) = (\d+)", header)}
+    want = {f"KL_{k.upper().replace('+', '_PLUS')}": v for k, v in KL_CODES.items()}
+    want |= {f"AGG_{k.upper().replace('-', '_')}": v for k, v in LOSS_AGG_CODES.items()}
+    assert found == want
 
 
 if __name__ == "__main__":

@@ -100,22 +100,34 @@ def test_annotator_orders_by_correctness_then_format_then_length():
     assert fmt == [{"prompt": PROMPT, "chosen": good_final, "rejected": good_short}]
 
 
-# --------------------------------------------------------------------------- statistics
+# --------------------------------------------------------------------------- annotator and statistics
 
-def test_paired_statistics():
-    from rlfuse.engine.demo import compare, mcnemar_exact, paired_bootstrap_ci, wilson_interval
+def test_annotator_writes_k_way_rankings_by_correctness():
+    from rlfuse.engine.demo import annotator_ranking
 
-    lo, hi = wilson_interval(50, 100)
-    assert lo < 0.5 < hi and abs((hi - lo) - 0.19) < 0.01
-    assert mcnemar_exact([False] * 10, [True] * 10)[2] == pytest.approx(2 / 1024)
-    assert mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)
-    m, lo, hi = paired_bootstrap_ci([0.0] * 50, [1.0] * 50)
-    assert m == lo == hi == 1.0
+    both, one, none_right = "4-2 = 2 and 3-1 = 2.", "4-2 = 2 and 3-1 = 5.", "4-2 = 7 and 3-1 = 5."
+    other_one = "4-2 = 9 and 3-1 = 2."
+    r = annotator_ranking(A, PROMPT, [one, both, none_right, other_one, both])
+    assert r["prompt"] == PROMPT and r["responses"] == [one, both, none_right, other_one]  # duplicates once
+    assert r["ranks"] == [2, 1, 3, 2]  # dense ranks by the number of right results; ties allowed
+    assert annotator_ranking(A, PROMPT, [one, other_one]) is None  # all tied: nothing to learn
+    # the full key breaks ties by readability, then length
+    full = annotator_ranking(A, PROMPT, [both + " Easy!", both], by="full")
+    assert full["ranks"] == [2, 1]
+
+
+def test_paired_comparison():
+    from rlfuse.engine.demo import compare
+
     rows = lambda xs: [{"prompt": str(i), "correct": bool(x), "reward": float(x)} for i, x in enumerate(xs)]
     same = compare(rows([1, 0] * 20), rows([1, 0] * 20))
-    assert same["accuracy_diff"] == 0 and not same["significant"]
+    assert same["accuracy_diff"] == 0 and not same["significant"] and not same["significant_decrease"]
     better = compare(rows([0] * 40), rows([1] * 30 + [0] * 10))
     assert better["significant"] and better["prompts_gained"] == 30 and better["mcnemar_p"] < 1e-6
+    worse = compare(rows([1] * 40), rows([0] * 30 + [1] * 10))
+    assert worse["significant_decrease"] and not worse["significant"] and worse["prompts_lost"] == 30
+    with pytest.raises(ValueError, match="same prompts"):
+        compare(rows([1, 0]), rows([1, 0])[::-1])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -145,7 +157,33 @@ def test_demo_tiny_end_to_end(tmp_path):
     engine_summary = json.loads((run_dir / "summary.json").read_text())
     assert {"sft", "rm", "ppo"} <= set(engine_summary)
     # training data never contains a held-out prompt
-    train = {json.loads(x)["prompt"] for f in ("sft.jsonl", "prefs.jsonl", "ppo_prompts.jsonl")
+    train = {json.loads(x)["prompt"] for f in ("sft.jsonl", "rankings.jsonl", "ppo_prompts.jsonl")
              for x in (run_dir / "data" / f).read_text().splitlines()}
     assert not train & held
     assert "PPO vs SFT" in proc.stdout and "accuracy" in proc.stdout
+    # the annotator's output is the K-way rankings format, and the reward model trained on it
+    rankings = [json.loads(x) for x in (run_dir / "data" / "rankings.jsonl").read_text().splitlines()]
+    assert any(len(r["responses"]) > 2 for r in rankings)
+    assert all(len(r["ranks"]) == len(r["responses"]) and min(r["ranks"]) == 1 for r in rankings)
+    assert engine_summary["rm"]["train_pairs"] + engine_summary["rm"]["eval_pairs"] == summary["reward_model"]["pairs"]
+    # classic PPO by default (GAE: the critic is trained, so PPO logs a value loss)
+    assert summary["ppo_advantage"] == "gae"
+    ppo_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x).get("stage") == "ppo"]
+    assert ppo_rows and all(r["value_loss"] is not None for r in ppo_rows)
+    # memory: per-stage peaks and PPO's per-phase peaks, all above the loaded model's RSS
+    mem = summary["memory"]
+    assert set(mem["stage_peak_mb"]) == {"0_base", "1_sft", "2_annotate", "3_reward_model", "4_ppo"}
+    assert {"peak_mem_generation_mb", "peak_mem_scoring_mb", "peak_mem_update_mb"} <= set(mem["ppo_phase_peak_mb"])
+    assert 0 < mem["model_loaded_rss_mb"] <= max(mem["stage_peak_mb"].values()) <= mem["peak_rss_mb"]
+
+
+def test_demo_advantage_flag_selects_rloo(tmp_path):
+    from rlfuse.engine.demo import parse_args, setup
+
+    assert setup(parse_args(["--preset", "tiny", "--out", str(tmp_path / "a")])).cfg.ppo.advantage == "gae"
+    run = setup(parse_args(["--preset", "tiny", "--advantage", "rloo", "--out", str(tmp_path / "b")]))
+    assert run.cfg.ppo.advantage == "rloo" and run.cfg.ppo.n_samples >= 2
+    assert not set(run.heldout) & {p for split in run.splits.values() for p in split}
+    with pytest.raises(SystemExit):
+        parse_args(["--advantage", "ppo"])

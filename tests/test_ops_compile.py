@@ -56,6 +56,23 @@ def test_logprobs_compiles(backend):
     _check_same(fn, [(logits, True), (labels, False)], "logprobs_from_logits")
 
 
+def test_logprobs_softcap_logit_scale_compile(backend):
+    """The LogprobOptions bundle is built at the public op and flattened at the custom op, inside
+    one fullgraph=True graph, for both log-prob ops."""
+    d = backend.device
+    logits = rand_logits((2, 6, 31), seed=4, device=d)
+    labels = rand_labels((2, 6), 31, device=d)
+    hidden, weight = randn(2, 6, 8, seed=5, device=d), randn(31, 8, seed=6, device=d)
+
+    def fn(x, h, w, y):
+        logp, ent = K.logprobs_from_logits(x, y, temperature=0.7, softcap=2.0, logit_scale=0.5,
+                                           return_entropy=True)
+        lp2 = K.linear_logprobs(h, w, y, softcap=3.0, logit_scale=-1.5, chunk_size=5)
+        return logp, ent, lp2
+
+    _check_same(fn, [(logits, True), (hidden, True), (weight, True), (labels, False)], "softcap/logit_scale")
+
+
 def test_logprobs_label_check_under_compile(backend):
     d = backend.device
     logits = rand_logits((3, 11), device=d)
@@ -92,21 +109,34 @@ def test_gae_compiles(backend):
         assert_close_verbose(a, b, atol=1e-6, rtol=1e-6, name="gae")
 
 
-def test_ppo_loss_compiles(backend):
+@pytest.mark.parametrize("loss_agg,kl_estimator,mask_dtype", [
+    ("token-mean", "k3", torch.bool), ("seq-mean-token-mean", "k3+", torch.float32),
+    ("seq-mean-token-sum-norm", "k1+", torch.int64)])
+def test_ppo_loss_compiles(backend, loss_agg, kl_estimator, mask_dtype):
     d = backend.device
     shape = (3, 7)
     lp, olp, adv = randn(*shape, seed=1, device=d) * 0.3 - 1, randn(*shape, seed=2, device=d) * 0.3 - 1, randn(*shape, seed=3, device=d)
     ent, val, oval, ret, ref = (randn(*shape, seed=s, device=d) for s in (4, 5, 6, 7, 8))
-    m = make_mask(*shape, "mixed", device=d)
+    m = make_mask(*shape, "mixed", device=d).to(mask_dtype)  # non-bool masks are value-checked in the op
 
     def fn(lp, ent, val, olp, adv, oval, ret, ref, m):
         loss, stats = K.ppo_loss(lp, olp, adv, m, dual_clip=3.0, clip_eps_high=0.3, ref_logp=ref, kl_coef=0.1,
-                                 entropy=ent, entropy_coef=0.01, values=val, old_values=oval, returns=ret)
+                                 kl_estimator=kl_estimator, entropy=ent, entropy_coef=0.01, values=val,
+                                 old_values=oval, returns=ret, loss_agg=loss_agg)
         return loss, stats["clipfrac"], stats["kl"]
 
     inputs = [(lp, True), (ent, True), (val, True), (olp, False), (adv, False), (oval, False), (ret, False),
               (ref, False), (m, False)]
     _check_same(fn, inputs, "ppo_loss")
+
+
+def test_ppo_loss_mask_check_holds_under_compile():
+    """The 0/1 mask check reads data, so it runs inside the op: compiled, a -1 still raises."""
+    lp = randn(2, 5, seed=1)
+    fn = _compiled(lambda lp, m: K.ppo_loss(lp, lp.detach(), lp.detach(), m)[0])
+    fn(lp, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="mask"):
+        fn(lp, torch.full((2, 5), -1.0))
 
 
 _FRESH = textwrap.dedent(r"""

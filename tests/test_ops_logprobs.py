@@ -123,6 +123,18 @@ def test_backward_fp32(backend, vocab, shape, temperature, which):
     assert_close_verbose(logits.grad, expected, atol=2e-6, rtol=1e-4, name="grad logits")
 
 
+def test_backward_fp64(backend):
+    """float64 logits: float32 compute, the gradient returned in float64."""
+    logits = rand_logits((5, 1001), dtype=torch.float64, seed=51, device=backend.device).requires_grad_(True)
+    labels = rand_labels((5,), 1001, seed=52, device=backend.device)
+    w1, w2 = randn(5, seed=53, device=backend.device), randn(5, seed=54, device=backend.device)
+    logp, ent = K.logprobs_from_logits(logits, labels, temperature=0.9, return_entropy=True)
+    ((logp * w1).sum() + (ent * w2).sum()).backward()
+    assert logits.grad.dtype == torch.float64
+    expected = ref_logprobs_grad64(logits, labels, w1, w2, 0.9)
+    assert_close_verbose(logits.grad, expected, atol=2e-6, rtol=2e-5, name="grad logits fp64")
+
+
 def test_backward_without_entropy(backend):
     """return_entropy=False: the gradient is that of the log-prob alone."""
     logits = rand_logits((7, 300), seed=9, device=backend.device).requires_grad_(True)
@@ -230,3 +242,41 @@ def test_bad_temperature_and_logits(backend):
             K.logprobs_from_logits(logits, labels, temperature=t)
     with pytest.raises(ValueError):
         K.logprobs_from_logits(torch.zeros(3, 13, dtype=torch.int64, device=backend.device), labels)
+
+
+# ----------------------------------------------------------------------------- gradient memory
+def test_gradient_memory_is_recycled_only_once_free(backend, monkeypatch):
+    """The [N, V] gradient reuses the last one's memory (no fresh pages to fault in) only when
+    nobody holds that gradient any more; a held gradient is never overwritten."""
+    from rlfuse.kernels import logprobs as op
+
+    if backend.device.type != "cpu":
+        pytest.skip("recycling is for CPU memory (CUDA has its caching allocator)")
+    recycler = op._GradientRecycler()
+    recycler.MIN_BYTES = 0
+    monkeypatch.setattr(op, "_recycler", recycler)
+    x = rand_logits((6, 301), seed=61, device=backend.device).requires_grad_(True)
+    labels = rand_labels((6,), 301, seed=62, device=backend.device)
+
+    def grad_of(weights):
+        x.grad = None
+        (K.logprobs_from_logits(x, labels) * weights).sum().backward()
+        return x.grad
+
+    w_a, w_b = randn(6, seed=63), randn(6, seed=64)
+    held = grad_of(w_a)
+    held_copy = held.clone()
+    second = grad_of(w_b)  # ``held`` is still referenced: fresh memory
+    assert second.data_ptr() != held.data_ptr()
+    assert torch.equal(held, held_copy), "a gradient the caller holds was overwritten"
+    expected = ref_logprobs_grad64(x, labels, w_a, None)
+    ptr = second.data_ptr()
+    del held, second
+    x.grad = None
+    third = grad_of(w_a)  # the last gradient is free again: its memory is reused
+    assert third.data_ptr() == ptr
+    assert_close_verbose(third, expected, atol=2e-6, rtol=1e-4, name="recycled gradient")
+    monkeypatch.setenv("RLFUSE_RECYCLE_GRADIENTS", "0")
+    del third
+    x.grad = None
+    assert grad_of(w_a).data_ptr() != ptr

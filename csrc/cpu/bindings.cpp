@@ -4,21 +4,65 @@
 
 #include "ops.h"
 
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+using OptD = std::optional<double>;
+
+// The one place where the flat PPOLossOptions.as_op_args() tuple becomes the C options struct.
+rlfuse_ppo_options ppo_options(double clip_eps, OptD clip_eps_high, OptD dual_clip, double kl_coef,
+                               int64_t kl_estimator, double entropy_coef, OptD value_clip,
+                               double value_coef, int64_t loss_agg, OptD loss_agg_norm) {
+  rlfuse_ppo_options o{};
+  o.clip_eps = static_cast<float>(clip_eps);
+  o.has_clip_eps_high = clip_eps_high.has_value();
+  o.clip_eps_high = static_cast<float>(clip_eps_high.value_or(0.0));
+  o.has_dual_clip = dual_clip.has_value();
+  o.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
+  o.kl_coef = static_cast<float>(kl_coef);
+  o.kl_estimator = static_cast<int>(kl_estimator);
+  o.entropy_coef = static_cast<float>(entropy_coef);
+  o.has_value_clip = value_clip.has_value();
+  o.value_clip = static_cast<float>(value_clip.value_or(0.0));
+  o.value_coef = static_cast<float>(value_coef);
+  o.loss_agg = static_cast<int>(loss_agg);
+  o.has_loss_agg_norm = loss_agg_norm.has_value();
+  o.loss_agg_norm = static_cast<float>(loss_agg_norm.value_or(0.0));
+  return o;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_forward(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const OptT& ref_logp, const OptT& entropy, const OptT& values,
+    const OptT& old_values, const OptT& returns, const OptT& loss_weight, double clip_eps,
+    OptD clip_eps_high, OptD dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef,
+    OptD value_clip, double value_coef, int64_t loss_agg, OptD loss_agg_norm) {
+  return rlfuse::ppo_loss_forward(
+      logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, loss_weight,
+      ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+                  value_clip, value_coef, loss_agg, loss_agg_norm));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlfuse CPU kernels: fused log-probs, GAE and PPO loss (OpenMP, vectorised)";
   m.def("logprobs_forward", &rlfuse::logprobs_forward, "log-probs (+ entropy) of labels from logits",
-        py::arg("logits"), py::arg("labels"), py::arg("temperature"), py::arg("with_entropy"));
+        py::arg("logits"), py::arg("labels"), py::arg("temperature"), py::arg("with_entropy"),
+        py::arg("softcap") = py::none(), py::arg("logit_scale") = 1.0);
   m.def("logprobs_backward", &rlfuse::logprobs_backward,
-        "gradient of the log-probs (+ entropy) wrt logits, optionally in place",
+        "gradient of the log-probs (+ entropy) wrt logits, optionally in place or into out",
         py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
-        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"), py::arg("inplace"));
+        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"), py::arg("inplace"),
+        py::arg("softcap") = py::none(), py::arg("logit_scale") = 1.0, py::arg("out") = py::none());
   m.def("gae", &rlfuse::gae, "generalised advantage estimation over padded rows",
         py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"), py::arg("lam"));
-  m.def("ppo_loss_forward", &rlfuse::ppo_loss_forward,
-        "PPO loss, stats and per-token gradients in one pass",
+  m.def("ppo_loss_forward", &ppo_loss_forward,
+        "PPO loss, stats and per-token gradients in one pass; the options are the flat tuple "
+        "of rlfuse.kernels.ppo_options.PPOLossOptions.as_op_args()",
         py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"),
         py::arg("ref_logp"), py::arg("entropy"), py::arg("values"), py::arg("old_values"),
-        py::arg("returns"), py::arg("clip_eps"), py::arg("clip_eps_high"), py::arg("dual_clip"),
-        py::arg("kl_coef"), py::arg("kl_estimator"), py::arg("entropy_coef"),
-        py::arg("value_clip"), py::arg("value_coef"));
+        py::arg("returns"), py::arg("loss_weight"), py::arg("clip_eps"), py::arg("clip_eps_high"),
+        py::arg("dual_clip"), py::arg("kl_coef"), py::arg("kl_estimator"), py::arg("entropy_coef"),
+        py::arg("value_clip"), py::arg("value_coef"), py::arg("loss_agg"), py::arg("loss_agg_norm"));
 }

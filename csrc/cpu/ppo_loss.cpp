@@ -14,12 +14,17 @@
 //   dual clip: where A < 0 and pg > -A c, pg = -A c with no gradient.
 //   value:  unclipped branch when (v-R)^2 >= (v_clip-R)^2, else the clipped one whose
 //           gradient flows only while |v - old_v| < value_clip.
+//   KL:     k1+/k3+ run the k1/k3 value code with the gradient of k2 (d), a runtime flag.
+//   weight: token i weighs w[i] * w_scale in the loss and its gradients: the mask and 1/count
+//           (token mean), or the op's per-token loss weight and 1 (other loss aggregations).
+//           The stats other than the loss are always token means.
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "../common/ppo_options.h"
 #include "common.h"
 #include "ops.h"
 
@@ -42,6 +47,7 @@ struct PpoArgs {
   const float* val;
   const float* old_val;
   const float* ret;
+  const float* w;    // loss weight per token: the mask, or the op's loss weights
   float* g_logp;
   float* g_ent;
   float* g_val;
@@ -49,6 +55,8 @@ struct PpoArgs {
   float dual;        // dual-clip constant
   float kl_coef, ent_coef, vclip, v_coef;
   float inv;         // 1 / max(count, 1)
+  float w_scale;     // inv with the mask as weight, 1 with explicit loss weights
+  bool kl_st;        // straight-through estimator: gradient d whatever the value
 };
 
 struct Terms {
@@ -56,13 +64,14 @@ struct Terms {
 };
 
 // One token: writes its gradients, returns its (unmasked) loss terms.
-// KL: 0 none, 1/2/3 = k1/k2/k3. VAL: 0 none, 1 plain, 2 clipped against old values.
+// KL: 0 none, 1/2/3 = value of k1/k2/k3 (RLFUSE_KL_*). VAL: 0 none, 1 plain, 2 clipped against old values.
 template <int KL, bool ENT, int VAL, bool DUAL>
 RLFUSE_INLINE Terms token(const float* __restrict logp, const float* __restrict old_logp,
                           const float* __restrict adv, const float* __restrict mask,
                           const float* __restrict ref, const float* __restrict ent,
                           const float* __restrict val, const float* __restrict old_val,
-                          const float* __restrict ret, float* __restrict g_logp,
+                          const float* __restrict ret, const float* __restrict w,
+                          float* __restrict g_logp,
                           float* __restrict g_ent, float* __restrict g_val, const PpoArgs& c,
                           int64_t i) {
   const float m = mask[i];
@@ -99,6 +108,7 @@ RLFUSE_INLINE Terms token(const float* __restrict logp, const float* __restrict 
       kl = e + d - 1.0f;
       dk = 1.0f - e;
     }
+    if (c.kl_st) dk = d;
     total = total + c.kl_coef * kl;
     g = g + c.kl_coef * dk;
   }
@@ -108,7 +118,8 @@ RLFUSE_INLINE Terms token(const float* __restrict logp, const float* __restrict 
     total = total - c.ent_coef * entropy;
   }
   const bool on = m != 0.0f;
-  const float ms = m * c.inv;
+  const float wi = w[i];
+  const float ms = wi * c.w_scale;
   float vf = 0.0f;
   if (VAL != 0) {
     const float v = val[i];
@@ -135,7 +146,7 @@ RLFUSE_INLINE Terms token(const float* __restrict logp, const float* __restrict 
   g_logp[i] = on ? g * ms : 0.0f;
   if (ENT) g_ent[i] = -c.ent_coef * ms;
   Terms t;
-  t.total = on ? total * m : 0.0f;
+  t.total = on ? total * wi : 0.0f;
   t.pg = on ? pg * m : 0.0f;
   t.vf = on ? vf * m : 0.0f;
   t.kl = on ? kl * m : 0.0f;
@@ -156,6 +167,7 @@ void ppo_block(const PpoArgs& c, int64_t i0, int64_t i1, double* partial) {
   const float* __restrict val = VAL ? c.val + i0 : nullptr;
   const float* __restrict ret = VAL ? c.ret + i0 : nullptr;
   const float* __restrict old_val = VAL == 2 ? c.old_val + i0 : nullptr;
+  const float* __restrict w = c.w + i0;
   float* __restrict g_logp = c.g_logp + i0;
   float* __restrict g_ent = ENT ? c.g_ent + i0 : nullptr;
   float* __restrict g_val = VAL ? c.g_val + i0 : nullptr;
@@ -165,7 +177,7 @@ void ppo_block(const PpoArgs& c, int64_t i0, int64_t i1, double* partial) {
   const int64_t n = i1 - i0;
   auto step = [&](int64_t i, int j) RLFUSE_LAMBDA_INLINE {
     const Terms t = token<KL, ENT, VAL, DUAL>(logp, old_logp, adv, mask, ref, ent, val, old_val,
-                                              ret, g_logp, g_ent, g_val, k, i);
+                                              ret, w, g_logp, g_ent, g_val, k, i);
     a0[j] += t.total;
     a1[j] += t.pg;
     a2[j] += t.vf;
@@ -227,19 +239,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
     const at::Tensor& mask_in, const std::optional<at::Tensor>& ref_in,
     const std::optional<at::Tensor>& ent_in, const std::optional<at::Tensor>& val_in,
     const std::optional<at::Tensor>& old_val_in, const std::optional<at::Tensor>& ret_in,
-    double clip_eps, double clip_eps_high, std::optional<double> dual_clip, double kl_coef,
-    int64_t kl_estimator, double entropy_coef, std::optional<double> value_clip,
-    double value_coef) {
+    const std::optional<at::Tensor>& weight_in, const rlfuse_ppo_options& o) {
   const int64_t n = logp_in.numel();
   const at::Tensor logp = vec_f32(logp_in, n, "logp");
   const at::Tensor old_logp = vec_f32(old_logp_in, n, "old_logp");
   const at::Tensor adv = vec_f32(adv_in, n, "advantages");
   const at::Tensor mask = vec_f32(mask_in, n, "mask");
-  TORCH_CHECK(kl_estimator >= 1 && kl_estimator <= 3, "ppo_loss_forward: kl_estimator must be 1, 2 or 3");
+  TORCH_CHECK(o.kl_estimator >= RLFUSE_KL_K1 && o.kl_estimator <= RLFUSE_KL_K3_PLUS,
+              "ppo_loss_forward: unknown kl_estimator code ", o.kl_estimator);
+  TORCH_CHECK(weight_in.has_value() == (o.loss_agg != RLFUSE_AGG_TOKEN_MEAN),
+              "ppo_loss_forward: a loss weight is needed exactly when loss_agg is not token-mean");
   const bool has_ref = ref_in.has_value(), has_ent = ent_in.has_value(), has_val = val_in.has_value();
-  const bool clip_val = has_val && value_clip.has_value() && old_val_in.has_value();
+  const bool clip_val = has_val && o.has_value_clip && old_val_in.has_value();
   TORCH_CHECK(!has_val || ret_in.has_value(), "ppo_loss_forward: values given without returns");
   at::Tensor ref, ent, val, old_val, ret;
+  const at::Tensor weight = weight_in.has_value() ? vec_f32(*weight_in, n, "loss_weight") : mask;
   if (has_ref) ref = vec_f32(*ref_in, n, "ref_logp");
   if (has_ent) ent = vec_f32(*ent_in, n, "entropy");
   if (has_val) {
@@ -282,25 +296,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   a.val = has_val ? val.data_ptr<float>() : nullptr;
   a.ret = has_val ? ret.data_ptr<float>() : nullptr;
   a.old_val = clip_val ? old_val.data_ptr<float>() : nullptr;
+  a.w = weight.data_ptr<float>();
   a.g_logp = g_logp.data_ptr<float>();
   a.g_ent = has_ent ? g_ent.data_ptr<float>() : nullptr;
   a.g_val = has_val ? g_val.data_ptr<float>() : nullptr;
-  a.lo = static_cast<float>(1.0 - clip_eps);
-  a.hi = static_cast<float>(1.0 + clip_eps_high);
-  a.dual = dual_clip.has_value() ? static_cast<float>(*dual_clip) : 0.0f;
-  a.kl_coef = static_cast<float>(kl_coef);
-  a.ent_coef = static_cast<float>(entropy_coef);
-  a.vclip = clip_val ? static_cast<float>(*value_clip) : 0.0f;
-  a.v_coef = static_cast<float>(value_coef);
+  a.lo = 1.0f - o.clip_eps;
+  a.hi = 1.0f + rlfuse_ppo_clip_high(&o);
+  a.dual = o.has_dual_clip ? o.dual_clip : 0.0f;
+  a.kl_coef = o.kl_coef;
+  a.ent_coef = o.entropy_coef;
+  a.vclip = clip_val ? o.value_clip : 0.0f;
+  a.v_coef = o.value_coef;
   a.inv = inv;
+  a.w_scale = weight_in.has_value() ? 1.0f : inv;
+  a.kl_st = rlfuse_kl_straight_through(o.kl_estimator) != 0;
 
   std::vector<double> partials(n_blocks * kStats);
-  const int kl = has_ref ? static_cast<int>(kl_estimator) : 0;
+  const int kl = has_ref ? rlfuse_kl_value_code(o.kl_estimator) : 0;
   const int vmode = has_val ? (clip_val ? 2 : 1) : 0;
   with_kl(kl, [&](auto KL) {
     with_bool(has_ent, [&](auto ENT) {
       with_val(vmode, [&](auto VAL) {
-        with_bool(dual_clip.has_value(), [&](auto DUAL) {
+        with_bool(o.has_dual_clip != 0, [&](auto DUAL) {
           at::parallel_for(0, n_blocks, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
             for (int64_t b = b0; b < b1; ++b) {
               const int64_t i0 = b * kBlock, i1 = std::min(n, i0 + kBlock);
@@ -319,6 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   }
   float* st = stats.data_ptr<float>();
   for (int k = 0; k < kStats; ++k) st[k] = static_cast<float>(sums[k]) * inv;
+  st[0] = static_cast<float>(sums[0]) * a.w_scale;  // the loss: token mean or weighted sum
   at::Tensor loss = at::empty({}, f32);
   loss.fill_(st[0]);
   return {loss, stats, g_logp, g_ent, g_val};

@@ -82,13 +82,20 @@ void check_logits(const Tensor& logits, const Tensor& labels) {
   check_vec(labels, logits, "labels", logits.size(0), at::kLong);
 }
 
-float inverse_temperature(double temperature) {
+// The logit transform of kernels/logprob_options.py as the kernels take it (rlfuse_cuda.h).
+rlfuse_logit_transform logit_transform(double temperature, std::optional<double> softcap, double logit_scale) {
   TORCH_CHECK(temperature > 0.0, "rlfuse cuda: temperature must be > 0, got ", temperature);
-  return static_cast<float>(1.0 / temperature);
+  TORCH_CHECK(!softcap || *softcap > 0.0, "rlfuse cuda: softcap must be > 0, got ", softcap.value_or(0.0));
+  TORCH_CHECK(logit_scale != 0.0, "rlfuse cuda: logit_scale must be nonzero");
+  const double slope = logit_scale / temperature;
+  if (!softcap) return {static_cast<float>(slope), 0.0f, static_cast<float>(slope)};
+  return {static_cast<float>(logit_scale / *softcap), static_cast<float>(*softcap / temperature),
+          static_cast<float>(slope)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& logits, const Tensor& labels, double temperature,
-                                                    bool with_entropy) {
+                                                    bool with_entropy, std::optional<double> softcap,
+                                                    double logit_scale) {
   check_logits(logits, labels);
   DeviceGuard guard(logits.device());
   const int64_t n = logits.size(0);
@@ -98,7 +105,7 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& logits, const 
   Tensor entropy = at::empty({with_entropy ? n : 0}, opts);
   check_launch(rlfuse_cuda_logprobs_forward(logits.data_ptr(), dtype_code(logits), n, logits.size(1),
                                             logits.stride(0), labels.data_ptr<int64_t>(),
-                                            inverse_temperature(temperature), logp.data_ptr<float>(),
+                                            logit_transform(temperature, softcap, logit_scale), logp.data_ptr<float>(),
                                             lse.data_ptr<float>(), with_entropy ? entropy.data_ptr<float>() : nullptr,
                                             current_stream(logits)),
                "logprobs_forward");
@@ -106,7 +113,8 @@ std::tuple<Tensor, Tensor, Tensor> logprobs_forward(const Tensor& logits, const 
 }
 
 Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& entropy,
-                         const Tensor& grad_logp, const OptTensor& grad_entropy, double temperature, bool inplace) {
+                         const Tensor& grad_logp, const OptTensor& grad_entropy, double temperature, bool inplace,
+                         std::optional<double> softcap, double logit_scale, const OptTensor& out) {
   check_logits(logits, labels);
   const int64_t n = logits.size(0);
   check_vec(lse, logits, "lse", n, at::kFloat);
@@ -120,10 +128,16 @@ Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tenso
     h = entropy.data_ptr<float>();
   }
   DeviceGuard guard(logits.device());
-  Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
+  Tensor grad = inplace ? logits : (out.has_value() && out->defined() ? *out : at::empty(logits.sizes(), logits.options()));
+  if (!inplace && out.has_value() && out->defined()) {
+    check_device(grad, logits, "out");
+    TORCH_CHECK(grad.scalar_type() == logits.scalar_type() && grad.dim() == 2 && grad.size(0) == n &&
+                    grad.size(1) == logits.size(1) && (grad.stride(1) == 1 || grad.size(1) == 1),
+                "rlfuse cuda: out must have logits' dtype and shape with a contiguous last dim");
+  }
   check_launch(rlfuse_cuda_logprobs_backward(logits.data_ptr(), dtype_code(logits), n, logits.size(1),
                                              logits.stride(0), labels.data_ptr<int64_t>(), lse.data_ptr<float>(), h,
-                                             grad_logp.data_ptr<float>(), g_h, inverse_temperature(temperature),
+                                             grad_logp.data_ptr<float>(), g_h, logit_transform(temperature, softcap, logit_scale),
                                              grad.data_ptr(), grad.stride(0), current_stream(logits)),
                "logprobs_backward");
   return grad;
@@ -158,19 +172,46 @@ std::tuple<Tensor, Tensor> gae(const Tensor& rewards, const Tensor& values, cons
   return {adv, ret};
 }
 
+using OptDouble = std::optional<double>;
+
+// The one place where the flat PPOLossOptions.as_op_args() tuple becomes the C options struct.
+rlfuse_ppo_options ppo_options(double clip_eps, OptDouble clip_eps_high, OptDouble dual_clip, double kl_coef,
+                               int64_t kl_estimator, double entropy_coef, OptDouble value_clip, double value_coef,
+                               int64_t loss_agg, OptDouble loss_agg_norm) {
+  rlfuse_ppo_options o{};
+  o.clip_eps = static_cast<float>(clip_eps);
+  o.has_clip_eps_high = clip_eps_high.has_value();
+  o.clip_eps_high = static_cast<float>(clip_eps_high.value_or(0.0));
+  o.has_dual_clip = dual_clip.has_value();
+  o.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
+  o.kl_coef = static_cast<float>(kl_coef);
+  o.kl_estimator = static_cast<int>(kl_estimator);
+  o.entropy_coef = static_cast<float>(entropy_coef);
+  o.has_value_clip = value_clip.has_value();
+  o.value_clip = static_cast<float>(value_clip.value_or(0.0));
+  o.value_coef = static_cast<float>(value_coef);
+  o.loss_agg = static_cast<int>(loss_agg);
+  o.has_loss_agg_norm = loss_agg_norm.has_value();
+  o.loss_agg_norm = static_cast<float>(loss_agg_norm.value_or(0.0));
+  return o;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
     const OptTensor& ref_logp, const OptTensor& entropy, const OptTensor& values, const OptTensor& old_values,
-    const OptTensor& returns, double clip_eps, double clip_eps_high, double dual_clip, double kl_coef,
-    int64_t kl_estimator, double entropy_coef, double value_clip, double value_coef) {
+    const OptTensor& returns, const OptTensor& loss_weight, double clip_eps, OptDouble clip_eps_high,
+    OptDouble dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef, OptDouble value_clip,
+    double value_coef, int64_t loss_agg, OptDouble loss_agg_norm) {
   check_device(logp, logp, "logp");
   const int64_t n = logp.numel();
   check_vec(logp, logp, "logp", n, at::kFloat);
   check_vec(old_logp, logp, "old_logp", n, at::kFloat);
   check_vec(advantages, logp, "advantages", n, at::kFloat);
   check_vec(mask, logp, "mask", n, at::kFloat);
-  TORCH_CHECK(kl_estimator >= RLFUSE_KL_K1 && kl_estimator <= RLFUSE_KL_K3,
-              "rlfuse cuda: kl_estimator must be 1, 2 or 3");
+  TORCH_CHECK(kl_estimator >= RLFUSE_KL_K1 && kl_estimator <= RLFUSE_KL_K3_PLUS,
+              "rlfuse cuda: unknown kl_estimator code ", kl_estimator);
+  TORCH_CHECK(loss_weight.has_value() == (loss_agg != RLFUSE_AGG_TOKEN_MEAN),
+              "rlfuse cuda: a loss weight is needed exactly when loss_agg is not token-mean");
   DeviceGuard guard(logp.device());
   const auto opts = logp.options();
   rlfuse_ppo_args a{};
@@ -183,16 +224,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
   a.values = opt_ptr(values, logp, "values", n);
   a.old_values = opt_ptr(old_values, logp, "old_values", n);
   a.returns = opt_ptr(returns, logp, "returns", n);
+  a.loss_weight = opt_ptr(loss_weight, logp, "loss_weight", n);
   TORCH_CHECK(a.values == nullptr || a.returns != nullptr, "rlfuse cuda: values need returns");
   a.n = n;
-  a.clip_low = static_cast<float>(clip_eps);
-  a.clip_high = static_cast<float>(clip_eps_high);
-  a.dual_clip = static_cast<float>(dual_clip);
-  a.kl_coef = static_cast<float>(kl_coef);
-  a.kl_estimator = static_cast<int>(kl_estimator);
-  a.entropy_coef = static_cast<float>(entropy_coef);
-  a.value_clip = static_cast<float>(value_clip);
-  a.value_coef = static_cast<float>(value_coef);
+  a.opts = ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, value_clip,
+                       value_coef, loss_agg, loss_agg_norm);
 
   Tensor loss = at::empty({}, opts);
   Tensor stats = at::empty({7}, opts);
@@ -215,15 +251,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlfuse CUDA kernels: log-prob gathering, GAE, fused PPO loss";
   m.def("logprobs_forward", &logprobs_forward, "(logp, lse, entropy) of labels under softmax(logits / T)",
-        py::arg("logits"), py::arg("labels"), py::arg("temperature"), py::arg("with_entropy"));
-  m.def("logprobs_backward", &logprobs_backward, "gradient wrt logits, optionally in place", py::arg("logits"),
-        py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"),
-        py::arg("temperature"), py::arg("inplace"));
+        py::arg("logits"), py::arg("labels"), py::arg("temperature"), py::arg("with_entropy"),
+        py::arg("softcap") = py::none(), py::arg("logit_scale") = 1.0);
+  m.def("logprobs_backward", &logprobs_backward, "gradient wrt logits, optionally in place or into out",
+        py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
+        py::arg("grad_entropy"), py::arg("temperature"), py::arg("inplace"), py::arg("softcap") = py::none(),
+        py::arg("logit_scale") = 1.0, py::arg("out") = py::none());
   m.def("gae", &gae, "(advantages, returns) of masked rows", py::arg("rewards"), py::arg("values"),
         py::arg("mask"), py::arg("gamma"), py::arg("lam"));
   m.def("ppo_loss_forward", &ppo_loss_forward, "(loss, stats, grad_logp, grad_entropy, grad_values)",
         py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("ref_logp"),
-        py::arg("entropy"), py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("clip_eps"),
-        py::arg("clip_eps_high"), py::arg("dual_clip"), py::arg("kl_coef"), py::arg("kl_estimator"),
-        py::arg("entropy_coef"), py::arg("value_clip"), py::arg("value_coef"));
+        py::arg("entropy"), py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("loss_weight"),
+        py::arg("clip_eps"), py::arg("clip_eps_high"), py::arg("dual_clip"), py::arg("kl_coef"),
+        py::arg("kl_estimator"), py::arg("entropy_coef"), py::arg("value_clip"), py::arg("value_coef"),
+        py::arg("loss_agg"), py::arg("loss_agg_norm"));
 }

@@ -1,4 +1,5 @@
-// Log-probabilities of labels under softmax(logits / T), with optional entropy.
+// Log-probabilities of labels under softmax(z), with optional entropy, where z is the logit
+// transformed by rlfuse_logit_transform (scale, optional tanh soft-cap, 1/T; rlfuse_cuda.h).
 //
 // Forward: one block per row, one pass over the vocabulary with an online log-sum-exp. Each
 // thread keeps (m, s, t): the running max m of z = x / T, s = Σ e^(z-m) and t = Σ e^(z-m)(z-m);
@@ -68,6 +69,23 @@ RL_DEV void lse_add(Lse& st, const float (&z)[K]) {
   }
 }
 
+// z of a logit x, and dz/dx.
+RL_DEV float to_z(float x, const rlfuse_logit_transform& tf) {
+  const float u = x * tf.load_scale;
+  return tf.cap_t > 0.0f ? tf.cap_t * tanhf(u) : u;
+}
+
+RL_DEV float to_z(float x, const rlfuse_logit_transform& tf, float& dz_dx) {
+  const float u = x * tf.load_scale;
+  if (tf.cap_t > 0.0f) {
+    const float th = tanhf(u);
+    dz_dx = tf.slope * (1.0f - th * th);
+    return tf.cap_t * th;
+  }
+  dz_dx = tf.slope;
+  return u;
+}
+
 RL_DEV Lse shfl_xor(const Lse& a, int off) {
   return {__shfl_xor_sync(kFullMask, a.m, off), __shfl_xor_sync(kFullMask, a.s, off),
           __shfl_xor_sync(kFullMask, a.t, off)};
@@ -76,7 +94,7 @@ RL_DEV Lse shfl_xor(const Lse& a, int off) {
 template <int DT, bool ENT>
 __global__ void __launch_bounds__(kFwdMaxThreads)
     logprobs_fwd_kernel(const typename Elem<DT>::T* __restrict__ logits, int vocab, int64_t row_stride,
-                        const int64_t* __restrict__ labels, float inv_t, float* __restrict__ logp,
+                        const int64_t* __restrict__ labels, rlfuse_logit_transform tf, float* __restrict__ logp,
                         float* __restrict__ lse_out, float* __restrict__ entropy) {
   using E = Elem<DT>;
   using T = typename E::T;
@@ -95,11 +113,11 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
   Lse st = lse_empty();
   // scalar head [0, head) and tail [tail, vocab): fewer than VEC elements each
   for (int j = tid; j < head; j += nthreads) {
-    const float z[1] = {E::load(x[j]) * inv_t};
+    const float z[1] = {to_z(E::load(x[j]), tf)};
     lse_add<ENT>(st, z);
   }
   for (int j = tail + tid; j < vocab; j += nthreads) {
-    const float z[1] = {E::load(x[j]) * inv_t};
+    const float z[1] = {to_z(E::load(x[j]), tf)};
     lse_add<ENT>(st, z);
   }
 
@@ -113,8 +131,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
     float z[2 * VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      z[k] = E::load(a.e[k]) * inv_t;
-      z[VEC + k] = E::load(b.e[k]) * inv_t;
+      z[k] = to_z(E::load(a.e[k]), tf);
+      z[VEC + k] = to_z(E::load(b.e[k]), tf);
     }
     lse_add<ENT>(st, z);
   }
@@ -123,7 +141,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
     a.raw = load16(xv + static_cast<int64_t>(i) * VEC);
     float z[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) z[k] = E::load(a.e[k]) * inv_t;
+    for (int k = 0; k < VEC; ++k) z[k] = to_z(E::load(a.e[k]), tf);
     lse_add<ENT>(st, z);
   }
 
@@ -138,7 +156,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
     for (int off = 16; off > 0; off >>= 1) st = lse_merge(st, shfl_xor(st, off));
     if (tid == 0) {
       const float log_s = __logf(st.s);
-      const float zy = E::load(x[labels[row]]) * inv_t;
+      const float zy = to_z(E::load(x[labels[row]]), tf);
       lse_out[row] = st.m + log_s;
       logp[row] = (zy - st.m) - log_s;
       if (ENT) entropy[row] = log_s - st.t / st.s;
@@ -146,15 +164,17 @@ __global__ void __launch_bounds__(kFwdMaxThreads)
   }
 }
 
-// Gradient of one element given z - lse.
+// Gradient of one element given its logit x.
 template <bool ENT>
-RL_DEV float grad_elem(float z, float lse, float g_lp, float g_h, float h, bool is_label, float inv_t) {
-  const float lp = z - lse;
+RL_DEV float grad_elem(float x, float lse, float g_lp, float g_h, float h, bool is_label,
+                       const rlfuse_logit_transform& tf) {
+  float dz_dx;
+  const float lp = to_z(x, tf, dz_dx) - lse;
   const float p = __expf(lp);
   float g = -g_lp * p;
   if (ENT) g -= g_h * (p > 0.0f ? p * (lp + h) : 0.0f);
   if (is_label) g += g_lp;
-  return g * inv_t;
+  return g * dz_dx;
 }
 
 template <int DT, bool ENT>
@@ -162,7 +182,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     logprobs_bwd_kernel(const typename Elem<DT>::T* logits, int vocab, int64_t row_stride,
                         const int64_t* __restrict__ labels, const float* __restrict__ lse,
                         const float* __restrict__ entropy, const float* __restrict__ grad_logp,
-                        const float* __restrict__ grad_entropy, float inv_t, typename Elem<DT>::T* out,
+                        const float* __restrict__ grad_entropy, rlfuse_logit_transform tf, typename Elem<DT>::T* out,
                         int64_t out_row_stride) {
   // logits and out may alias (in-place): no __restrict__ on them; every element is read and
   // then written by the same thread.
@@ -190,7 +210,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   const bool vec_out = aligned_head(o, vocab) == head;
 
   auto scalar = [&](int j) {
-    const float g = zero_row ? 0.0f : grad_elem<ENT>(E::load(x[j]) * inv_t, row_lse, g_lp, g_h, h, j == y, inv_t);
+    const float g = zero_row ? 0.0f : grad_elem<ENT>(E::load(x[j]), row_lse, g_lp, g_h, h, j == y, tf);
     o[j] = E::store(g);
   };
   if (blockIdx.y == 0) {
@@ -210,7 +230,7 @@ __global__ void __launch_bounds__(kBwdThreads)
         v.raw = load16(x + j0);
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          v.e[k] = E::store(grad_elem<ENT>(E::load(v.e[k]) * inv_t, row_lse, g_lp, g_h, h, j0 + k == y, inv_t));
+          v.e[k] = E::store(grad_elem<ENT>(E::load(v.e[k]), row_lse, g_lp, g_h, h, j0 + k == y, tf));
       }
       if (vec_out) {
         store16(o + j0, v.raw);
@@ -232,7 +252,7 @@ int fwd_threads(int64_t vocab, int vec) {
 
 template <int DT>
 cudaError_t forward_impl(const void* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
-                         const int64_t* labels, float inv_t, float* logp, float* lse, float* entropy,
+                         const int64_t* labels, rlfuse_logit_transform tf, float* logp, float* lse, float* entropy,
                          cudaStream_t stream) {
   using T = typename Elem<DT>::T;
   const T* x = static_cast<const T*>(logits);
@@ -240,11 +260,11 @@ cudaError_t forward_impl(const void* logits, int64_t n_rows, int64_t vocab, int6
   const int v = static_cast<int>(vocab);
   if (entropy != nullptr) {
     auto kernel = &logprobs_fwd_kernel<DT, true>;
-    RLFUSE_LAUNCH(kernel, static_cast<unsigned>(n_rows), threads, stream, x, v, row_stride, labels, inv_t,
+    RLFUSE_LAUNCH(kernel, static_cast<unsigned>(n_rows), threads, stream, x, v, row_stride, labels, tf,
                   logp, lse, entropy);
   } else {
     auto kernel = &logprobs_fwd_kernel<DT, false>;
-    RLFUSE_LAUNCH(kernel, static_cast<unsigned>(n_rows), threads, stream, x, v, row_stride, labels, inv_t,
+    RLFUSE_LAUNCH(kernel, static_cast<unsigned>(n_rows), threads, stream, x, v, row_stride, labels, tf,
                   logp, lse, entropy);
   }
   return cudaGetLastError();
@@ -253,7 +273,7 @@ cudaError_t forward_impl(const void* logits, int64_t n_rows, int64_t vocab, int6
 template <int DT>
 cudaError_t backward_impl(const void* logits, int64_t n_rows, int64_t vocab, int64_t row_stride,
                           const int64_t* labels, const float* lse, const float* entropy, const float* grad_logp,
-                          const float* grad_entropy, float inv_t, void* grad_logits, int64_t grad_row_stride,
+                          const float* grad_entropy, rlfuse_logit_transform tf, void* grad_logits, int64_t grad_row_stride,
                           cudaStream_t stream) {
   using T = typename Elem<DT>::T;
   const T* x = static_cast<const T*>(logits);
@@ -266,11 +286,11 @@ cudaError_t backward_impl(const void* logits, int64_t n_rows, int64_t vocab, int
   if (grad_entropy != nullptr) {
     auto kernel = &logprobs_bwd_kernel<DT, true>;
     RLFUSE_LAUNCH(kernel, grid, kBwdThreads, stream, x, v, row_stride, labels, lse, entropy, grad_logp,
-                  grad_entropy, inv_t, o, grad_row_stride);
+                  grad_entropy, tf, o, grad_row_stride);
   } else {
     auto kernel = &logprobs_bwd_kernel<DT, false>;
     RLFUSE_LAUNCH(kernel, grid, kBwdThreads, stream, x, v, row_stride, labels, lse, entropy, grad_logp,
-                  grad_entropy, inv_t, o, grad_row_stride);
+                  grad_entropy, tf, o, grad_row_stride);
   }
   return cudaGetLastError();
 }
@@ -280,19 +300,19 @@ cudaError_t backward_impl(const void* logits, int64_t n_rows, int64_t vocab, int
 
 extern "C" cudaError_t rlfuse_cuda_logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                                                     int64_t row_stride, const int64_t* labels,
-                                                    float inv_temperature, float* logp, float* lse,
+                                                    rlfuse_logit_transform tf, float* logp, float* lse,
                                                     float* entropy, cudaStream_t stream) {
   if (n_rows <= 0) return cudaSuccess;
   if (vocab <= 0 || vocab > INT32_MAX || n_rows > INT32_MAX) return cudaErrorInvalidValue;
   switch (dtype) {
     case RLFUSE_F32:
-      return rlfuse::forward_impl<RLFUSE_F32>(logits, n_rows, vocab, row_stride, labels, inv_temperature, logp,
+      return rlfuse::forward_impl<RLFUSE_F32>(logits, n_rows, vocab, row_stride, labels, tf, logp,
                                               lse, entropy, stream);
     case RLFUSE_BF16:
-      return rlfuse::forward_impl<RLFUSE_BF16>(logits, n_rows, vocab, row_stride, labels, inv_temperature, logp,
+      return rlfuse::forward_impl<RLFUSE_BF16>(logits, n_rows, vocab, row_stride, labels, tf, logp,
                                                lse, entropy, stream);
     case RLFUSE_F16:
-      return rlfuse::forward_impl<RLFUSE_F16>(logits, n_rows, vocab, row_stride, labels, inv_temperature, logp,
+      return rlfuse::forward_impl<RLFUSE_F16>(logits, n_rows, vocab, row_stride, labels, tf, logp,
                                               lse, entropy, stream);
     default:
       return cudaErrorInvalidValue;
@@ -302,7 +322,7 @@ extern "C" cudaError_t rlfuse_cuda_logprobs_forward(const void* logits, int dtyp
 extern "C" cudaError_t rlfuse_cuda_logprobs_backward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                                                      int64_t row_stride, const int64_t* labels, const float* lse,
                                                      const float* entropy, const float* grad_logp,
-                                                     const float* grad_entropy, float inv_temperature,
+                                                     const float* grad_entropy, rlfuse_logit_transform tf,
                                                      void* grad_logits, int64_t grad_row_stride,
                                                      cudaStream_t stream) {
   if (n_rows <= 0) return cudaSuccess;
@@ -311,14 +331,14 @@ extern "C" cudaError_t rlfuse_cuda_logprobs_backward(const void* logits, int dty
   switch (dtype) {
     case RLFUSE_F32:
       return rlfuse::backward_impl<RLFUSE_F32>(logits, n_rows, vocab, row_stride, labels, lse, entropy, grad_logp,
-                                               grad_entropy, inv_temperature, grad_logits, grad_row_stride, stream);
+                                               grad_entropy, tf, grad_logits, grad_row_stride, stream);
     case RLFUSE_BF16:
       return rlfuse::backward_impl<RLFUSE_BF16>(logits, n_rows, vocab, row_stride, labels, lse, entropy,
-                                                grad_logp, grad_entropy, inv_temperature, grad_logits,
+                                                grad_logp, grad_entropy, tf, grad_logits,
                                                 grad_row_stride, stream);
     case RLFUSE_F16:
       return rlfuse::backward_impl<RLFUSE_F16>(logits, n_rows, vocab, row_stride, labels, lse, entropy, grad_logp,
-                                               grad_entropy, inv_temperature, grad_logits, grad_row_stride, stream);
+                                               grad_entropy, tf, grad_logits, grad_row_stride, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -9,6 +9,9 @@
 //   4. finalize: one block sums the partial sums and writes loss and stats
 // The chunking depends on n only, so the result does not depend on the GPU's SM count either.
 // Means divide by max(Σ mask, 1) as kernels/reference.py does: an all-masked batch gives 0.
+// Token i weighs w_i·w_scale in the loss and its gradients: w = mask and w_scale = 1 / Σ mask
+// (token mean), or w = loss_weight and w_scale = 1 (the op's weights for the other loss
+// aggregations); the other stats are always token means. KL k1+/k3+: value of k1/k3, gradient d.
 #include "common.cuh"
 
 namespace rlfuse {
@@ -40,7 +43,7 @@ template <bool FINAL>
 __global__ void __launch_bounds__(kThreads) ppo_reduce_kernel(const float* __restrict__ partial, int64_t nparts,
                                                               const float* __restrict__ count,
                                                               float* __restrict__ out,
-                                                              float* __restrict__ stats) {
+                                                              float* __restrict__ stats, bool weighted) {
   __shared__ float scratch[32];
   constexpr int width = FINAL ? kSums : 1;
   float acc[width];
@@ -58,18 +61,23 @@ __global__ void __launch_bounds__(kThreads) ppo_reduce_kernel(const float* __res
     return;
   }
   const float inv = 1.0f / fmaxf(*count, 1.0f);
-  out[0] = acc[0] * inv;
 #pragma unroll
   for (int k = 0; k < kSums; ++k) stats[k] = acc[k] * inv;
+  if (weighted) stats[0] = acc[0];  // already Σ loss_weight·loss
+  out[0] = stats[0];
 }
 
 __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_args a, const float* __restrict__ count,
                                                             float* __restrict__ partial) {
   __shared__ float scratch[32];
   const float inv_cnt = 1.0f / fmaxf(*count, 1.0f);
-  const float lo = 1.0f - a.clip_low;
-  const float hi = 1.0f + a.clip_high;
-  const bool clip_values = a.old_values != nullptr && a.value_clip >= 0.0f;
+  const rlfuse_ppo_options& o = a.opts;
+  const float lo = 1.0f - o.clip_eps;
+  const float hi = 1.0f + rlfuse_ppo_clip_high(&o);
+  const bool clip_values = a.old_values != nullptr && o.has_value_clip;
+  const int kl_code = rlfuse_kl_value_code(o.kl_estimator);
+  const bool kl_st = rlfuse_kl_straight_through(o.kl_estimator) != 0;
+  const float w_scale = a.loss_weight != nullptr ? 1.0f : inv_cnt;
 
   float acc[kSums];
 #pragma unroll
@@ -87,6 +95,8 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
       if (a.grad_values != nullptr) a.grad_values[i] = 0.0f;
       continue;
     }
+    const float lw = a.loss_weight != nullptr ? a.loss_weight[i] : w;  // loss weight, unscaled
+    const float ws = lw * w_scale;
     const float logp = a.logp[i];
     const float adv = a.advantages[i];
     // policy term
@@ -99,8 +109,8 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
     const bool clip_active = clipped > unclipped;  // ties take the unclipped branch
     float pg = clip_active ? clipped : unclipped;
     float dpg = clip_active ? 0.0f : -adv * ratio;
-    if (a.dual_clip > 0.0f && adv < 0.0f) {
-      const float cap = -adv * a.dual_clip;
+    if (o.has_dual_clip && adv < 0.0f) {
+      const float cap = -adv * o.dual_clip;
       if (cap < pg) {
         pg = cap;
         dpg = 0.0f;
@@ -113,10 +123,10 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
     if (a.ref_logp != nullptr) {
       const float d = logp - a.ref_logp[i];
       float dkl;
-      if (a.kl_estimator == RLFUSE_KL_K1) {
+      if (kl_code == RLFUSE_KL_K1) {
         kl = d;
         dkl = 1.0f;
-      } else if (a.kl_estimator == RLFUSE_KL_K2) {
+      } else if (kl_code == RLFUSE_KL_K2) {
         kl = 0.5f * d * d;
         dkl = d;
       } else {
@@ -124,15 +134,16 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
         kl = em1 + d;
         dkl = -em1;
       }
-      loss += a.kl_coef * kl;
-      dlogp += a.kl_coef * dkl;
+      if (kl_st) dkl = d;
+      loss += o.kl_coef * kl;
+      dlogp += o.kl_coef * dkl;
     }
     // entropy bonus
     float ent = 0.0f;
     if (a.entropy != nullptr) {
       ent = a.entropy[i];
-      loss -= a.entropy_coef * ent;
-      a.grad_entropy[i] = -a.entropy_coef * w * inv_cnt;
+      loss -= o.entropy_coef * ent;
+      a.grad_entropy[i] = -o.entropy_coef * ws;
     }
     // value term
     float vf = 0.0f;
@@ -143,20 +154,20 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
       vf = 0.5f * err * err;
       if (clip_values) {
         const float old_v = a.old_values[i];
-        const float v_clip = old_v + fminf(fmaxf(v - old_v, -a.value_clip), a.value_clip);
+        const float v_clip = old_v + fminf(fmaxf(v - old_v, -o.value_clip), o.value_clip);
         const float err_c = v_clip - a.returns[i];
         const float vf_c = 0.5f * err_c * err_c;
         if (vf_c > vf) {
           vf = vf_c;
-          dvf = fabsf(v - old_v) < a.value_clip ? err_c : 0.0f;
+          dvf = fabsf(v - old_v) < o.value_clip ? err_c : 0.0f;
         }
       }
-      loss += a.value_coef * vf;
-      a.grad_values[i] = a.value_coef * dvf * w * inv_cnt;
+      loss += o.value_coef * vf;
+      a.grad_values[i] = o.value_coef * dvf * ws;
     }
-    a.grad_logp[i] = dlogp * w * inv_cnt;
+    a.grad_logp[i] = dlogp * ws;
 
-    acc[0] += w * loss;
+    acc[0] += lw * loss;
     acc[1] += w * pg;
     acc[2] += w * vf;
     acc[3] += w * kl;
@@ -185,6 +196,9 @@ extern "C" int64_t rlfuse_cuda_ppo_workspace_floats(int64_t n) {
 extern "C" cudaError_t rlfuse_cuda_ppo_loss_forward(const rlfuse_ppo_args* args, cudaStream_t stream) {
   const rlfuse_ppo_args a = *args;
   if (a.n < 0 || (a.values != nullptr && a.returns == nullptr)) return cudaErrorInvalidValue;
+  if (a.opts.kl_estimator < RLFUSE_KL_K1 || a.opts.kl_estimator > RLFUSE_KL_K3_PLUS) return cudaErrorInvalidValue;
+  // (an empty loss weight may have a null data pointer)
+  if (a.n > 0 && (a.loss_weight != nullptr) != (a.opts.loss_agg != RLFUSE_AGG_TOKEN_MEAN)) return cudaErrorInvalidValue;
   if ((a.entropy != nullptr) != (a.grad_entropy != nullptr) || (a.values != nullptr) != (a.grad_values != nullptr))
     return cudaErrorInvalidValue;
   const int64_t nparts = rlfuse::num_chunks(a.n);
@@ -199,13 +213,13 @@ extern "C" cudaError_t rlfuse_cuda_ppo_loss_forward(const rlfuse_ppo_args* args,
   }
   auto reduce_count = &rlfuse::ppo_reduce_kernel<false>;
   RLFUSE_LAUNCH(reduce_count, 1u, rlfuse::kThreads, stream, (const float*)count_part, nparts, (const float*)nullptr,
-                count, (float*)nullptr);
+                count, (float*)nullptr, false);
   if (nparts > 0) {
     auto main_kernel = &rlfuse::ppo_main_kernel;
     RLFUSE_LAUNCH(main_kernel, grid, rlfuse::kThreads, stream, a, (const float*)count, sums_part);
   }
   auto finalize = &rlfuse::ppo_reduce_kernel<true>;
   RLFUSE_LAUNCH(finalize, 1u, rlfuse::kThreads, stream, (const float*)sums_part, nparts, (const float*)count, a.loss,
-                a.stats);
+                a.stats, a.loss_weight != nullptr);
   return cudaGetLastError();
 }

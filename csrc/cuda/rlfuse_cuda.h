@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "../common/ppo_options.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -20,20 +22,30 @@ extern "C" {
 // dtype codes of the logits buffer
 enum { RLFUSE_F32 = 0, RLFUSE_BF16 = 1, RLFUSE_F16 = 2 };
 
-// Per row i of logits [n_rows, vocab] (element (i, j) at logits[i * row_stride + j]) with
-// z = logits * inv_temperature: lse[i] = logsumexp(z_i), logp[i] = z[i, labels[i]] - lse[i],
-// and, when entropy != NULL, entropy[i] = H(softmax(z_i)). One pass over the row.
+// The logit transform of the log-prob ops (kernels/logprob_options.py), per logit x:
+// u = x * load_scale; z = u without a soft-cap (cap_t == 0), z = cap_t * tanh(u) with one;
+// dz/dx = slope (no cap) or slope * (1 - tanh(u)^2). Without a cap load_scale = slope =
+// logit_scale / T; with a cap c: load_scale = logit_scale / c, cap_t = c / T, slope = logit_scale / T.
+typedef struct {
+  float load_scale;
+  float cap_t;
+  float slope;
+} rlfuse_logit_transform;
+
+// Per row i of logits [n_rows, vocab] (element (i, j) at logits[i * row_stride + j]) with z the
+// transformed logits: lse[i] = logsumexp(z_i), logp[i] = z[i, labels[i]] - lse[i], and, when
+// entropy != NULL, entropy[i] = H(softmax(z_i)) (-inf logits add 0 · log 0 = 0). One pass over the row.
 cudaError_t rlfuse_cuda_logprobs_forward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
-                                         int64_t row_stride, const int64_t* labels, float inv_temperature,
+                                         int64_t row_stride, const int64_t* labels, rlfuse_logit_transform tf,
                                          float* logp, float* lse, float* entropy, cudaStream_t stream);
 
-// grad_logits[i, j] = inv_temperature * (g_lp[i] (δ_{j,y} - p_ij) - g_H[i] p_ij (log p_ij + H_i)),
+// grad_logits[i, j] = dz/dx * (g_lp[i] (δ_{j,y} - p_ij) - g_H[i] p_ij (log p_ij + H_i)) (0 where p = 0),
 // written with row stride grad_row_stride in the logits dtype. grad_entropy == NULL means
 // g_H = 0 (entropy may then be NULL too). grad_logits may equal logits (in-place backward).
 cudaError_t rlfuse_cuda_logprobs_backward(const void* logits, int dtype, int64_t n_rows, int64_t vocab,
                                           int64_t row_stride, const int64_t* labels, const float* lse,
                                           const float* entropy, const float* grad_logp,
-                                          const float* grad_entropy, float inv_temperature,
+                                          const float* grad_entropy, rlfuse_logit_transform tf,
                                           void* grad_logits, int64_t grad_row_stride, cudaStream_t stream);
 
 // GAE over rows of contiguous [batch, seq] float32 tensors; mask (uint8/bool, may be NULL = all
@@ -42,7 +54,6 @@ cudaError_t rlfuse_cuda_gae(const float* rewards, const float* values, const uin
                             int64_t seq, float gamma, float lam, float* advantages, float* returns,
                             cudaStream_t stream);
 
-enum { RLFUSE_KL_K1 = 1, RLFUSE_KL_K2 = 2, RLFUSE_KL_K3 = 3 };
 
 typedef struct rlfuse_ppo_args {
   // inputs, 1-D float32 of length n; the optional ones may be NULL
@@ -55,15 +66,11 @@ typedef struct rlfuse_ppo_args {
   const float* values;      // NULL: no value term
   const float* old_values;  // NULL: value term is not clipped
   const float* returns;     // required when values != NULL
+  const float* loss_weight; // NULL: token mean over mask; else loss = Σ loss_weight·term (the
+                            // op's weights for the other loss aggregations), given exactly
+                            // when opts.loss_agg != RLFUSE_AGG_TOKEN_MEAN
   int64_t n;
-  float clip_low;      // ratio clipped to [1 - clip_low, 1 + clip_high]
-  float clip_high;
-  float dual_clip;     // <= 0: no dual clip
-  float kl_coef;
-  int kl_estimator;    // RLFUSE_KL_K*
-  float entropy_coef;
-  float value_clip;    // < 0: no value clipping
-  float value_coef;
+  rlfuse_ppo_options opts;  // csrc/common/ppo_options.h
   // outputs
   float* loss;          // [1]
   float* stats;         // [7] loss, policy_loss, value_loss, kl, entropy, clipfrac, approx_kl
@@ -76,8 +83,9 @@ typedef struct rlfuse_ppo_args {
 int64_t rlfuse_cuda_ppo_workspace_floats(int64_t n);
 
 // Loss, stats and per-token gradients in one pass over the tokens plus three tiny launches.
-// Means are Σ mask·x / max(Σ mask, 1) (kernels/reference.py), the gradients are those of the
-// mean loss, and sums are reduced in a fixed order (bitwise reproducible).
+// Stats are Σ mask·x / max(Σ mask, 1) (kernels/reference.py), the loss too unless loss_weight
+// is given, the gradients are those of the loss, and sums are reduced in a fixed order
+// (bitwise reproducible).
 cudaError_t rlfuse_cuda_ppo_loss_forward(const rlfuse_ppo_args* args, cudaStream_t stream);
 
 #ifdef __cplusplus

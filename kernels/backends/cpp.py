@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..logprob_options import LogprobOptions
+
 try:
     from .. import _C
 except Exception as exc:  # noqa: BLE001 - missing or broken build: the backend is just absent
@@ -22,25 +24,28 @@ else:
     UNAVAILABLE_REASON = ""
 
 DEVICES = ("cpu",)
-_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 
 def _rows(logits: Tensor) -> Tensor:
     return logits if logits.shape[-1] <= 1 or logits.stride(-1) == 1 else logits.contiguous()
 
 
-def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
-    return _C.logprobs_forward(_rows(logits), labels, float(temperature), bool(with_entropy))
+def logprobs_forward(logits: Tensor, labels: Tensor, opts, with_entropy: bool):
+    opts = LogprobOptions.of(opts)
+    return _C.logprobs_forward(_rows(logits), labels, opts.temperature, bool(with_entropy),
+                               opts.softcap, opts.logit_scale)
 
 
-def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature: float,
-                      inplace: bool):
+def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, opts, inplace: bool,
+                      out: Tensor | None = None):
+    opts = LogprobOptions.of(opts)
     if inplace and logits.shape[-1] > 1 and logits.stride(-1) != 1:
         raise ValueError("in-place logprobs_backward needs logits with a contiguous last dim")
     if grad_entropy is None or entropy is None or entropy.numel() == 0:
         entropy, grad_entropy = None, None
     return _C.logprobs_backward(_rows(logits), labels, lse, entropy, grad_logp, grad_entropy,
-                                float(temperature), bool(inplace))
+                                opts.temperature, bool(inplace), opts.softcap, opts.logit_scale,
+                                None if inplace else out)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float):
@@ -48,15 +53,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                     returns, *, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                     entropy_coef, value_clip, value_coef):
-    if kl_estimator not in _KL_CODES:
-        raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose from {list(_KL_CODES)}")
-    return tuple(_C.ppo_loss_forward(
-        logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
-        float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high),
-        None if dual_clip is None else float(dual_clip), float(kl_coef), _KL_CODES[kl_estimator],
-        float(entropy_coef), None if value_clip is None else float(value_clip), float(value_coef)))
+                     returns, loss_weight, opts):
+    return tuple(_C.ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values,
+                                     old_values, returns, loss_weight, *opts.as_op_args()))
 
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "DEVICES", "logprobs_forward", "logprobs_backward",

@@ -13,8 +13,9 @@ import importlib
 import torch
 from torch import Tensor
 
+from rlfuse.kernels.logprob_options import LogprobOptions  # absolute: tests load this file standalone
+
 DEVICES = ("cuda",)
-_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}  # RLFUSE_KL_K* of csrc/cuda/rlfuse_cuda.h
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _C = None
@@ -42,16 +43,19 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.reshape(-1).to(torch.float32).contiguous()
 
 
-def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float,
-                     with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+def logprobs_forward(logits: Tensor, labels: Tensor, opts, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, lse, entropy) per row of ``logits`` [N, V]; ``entropy`` is empty unless asked for."""
+    opts = LogprobOptions.of(opts)
     logits = _logits_2d(logits)
-    return _C.logprobs_forward(logits, labels.reshape(-1).long().contiguous(), float(temperature), bool(with_entropy))
+    return _C.logprobs_forward(logits, labels.reshape(-1).long().contiguous(), opts.temperature,
+                               bool(with_entropy), opts.softcap, opts.logit_scale)
 
 
 def logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                      grad_entropy: Tensor | None, temperature: float, inplace: bool) -> Tensor:
-    """Gradient wrt ``logits`` (same shape and dtype); written into ``logits`` when ``inplace``."""
+                      grad_entropy: Tensor | None, opts, inplace: bool, out: Tensor | None = None) -> Tensor:
+    """Gradient wrt ``logits`` (same shape and dtype); written into ``logits`` when ``inplace``,
+    else into ``out`` when given."""
+    opts = LogprobOptions.of(opts)
     if inplace and logits.stride(-1) != 1:
         raise ValueError("in-place backward needs logits with a contiguous last dim")
     logits2d = _logits_2d(logits)
@@ -59,10 +63,14 @@ def logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tens
         raise ValueError("in-place backward needs logits viewable as [N, V]")
     if grad_entropy is not None and entropy.numel() == 0:
         raise ValueError("a gradient for the entropy needs the entropy saved by the forward")
+    if out is not None and (inplace or out.dtype != logits2d.dtype or out.dim() != 2):
+        out = None  # written fresh, copied below
     grad = _C.logprobs_backward(logits2d, labels.reshape(-1).long().contiguous(), _f32(lse),
                                 _f32(entropy) if entropy.numel() else entropy, _f32(grad_logp), _f32(grad_entropy),
-                                float(temperature), bool(inplace))
-    return logits if inplace else grad.view(logits.shape)
+                                opts.temperature, bool(inplace), opts.softcap, opts.logit_scale, out)
+    if inplace:
+        return logits
+    return grad.view(logits.shape)
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
@@ -75,23 +83,15 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, gamma: float, lam:
     return adv.view(shape), ret.view(shape)
 
 
-def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, *,
-                     clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, value_clip, value_coef
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
+                     loss_weight, opts) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss, stats [loss, policy_loss, value_loss, kl, entropy, clipfrac, approx_kl] and the
-    gradients of the mean loss wrt logp, entropy and values (means divide by max(Σ mask, 1))."""
-    if kl_estimator not in _KL_CODES:
-        raise ValueError(f"kl_estimator must be one of {sorted(_KL_CODES)}, got {kl_estimator!r}")
+    gradients of the loss wrt logp, entropy and values (means divide by max(Σ mask, 1))."""
     if values is not None and returns is None:
         raise ValueError("values need returns")
     return _C.ppo_loss_forward(
         _f32(logp), _f32(old_logp), _f32(advantages), _f32(mask), _f32(ref_logp), _f32(entropy), _f32(values),
-        _f32(old_values), _f32(returns),
-        float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high),
-        0.0 if dual_clip is None else float(dual_clip),  # the kernel reads <= 0 as "no dual clip"
-        float(kl_coef), _KL_CODES[kl_estimator], float(entropy_coef),
-        -1.0 if value_clip is None else float(value_clip),  # and < 0 as "no value clipping"
-        float(value_coef))
+        _f32(old_values), _f32(returns), _f32(loss_weight), *opts.as_op_args())
 
 
 def _logits_2d(logits: Tensor) -> Tensor:

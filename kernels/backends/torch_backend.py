@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..logprob_options import LogprobOptions
 
 AVAILABLE = True
 DEVICES = ("cpu", "cuda")
@@ -22,7 +23,8 @@ def _row_chunks(n_rows: int, n_cols: int):
         yield start, min(n_rows, start + step)
 
 
-def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
+def logprobs_forward(logits: Tensor, labels: Tensor, opts, with_entropy: bool):
+    opts = LogprobOptions.of(opts)
     n, v = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
@@ -30,8 +32,10 @@ def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float, with_en
     for s, e in _row_chunks(n, v):
         # at most two float32 [chunk, V] temporaries, updated in place
         z = logits[s:e].to(torch.float32, copy=True)
-        if temperature != 1.0:
-            z.div_(temperature)
+        if not opts.is_plain:
+            z = opts.transform(z)
+        elif opts.temperature != 1.0:
+            z.div_(opts.temperature)
         m = z.amax(-1, keepdim=True)
         z.sub_(m)  # shifted logits z - max
         picked = z.gather(-1, labels[s:e, None]).squeeze(-1)
@@ -41,32 +45,33 @@ def logprobs_forward(logits: Tensor, labels: Tensor, temperature: float, with_en
         lse[s:e] = log_sum + m.squeeze(-1)
         logp[s:e] = picked - log_sum
         if with_entropy:
-            # H = log S - sum(e^z' z') / S with z' the shifted logits
+            # H = log S - sum(e^z' z') / S with z' the shifted logits; 0·log 0 = 0 (-inf logits)
+            z.masked_fill_(p == 0, 0.0)
             entropy[s:e] = log_sum - z.mul_(p).sum(-1) / sum_exp
         del z, p
     return logp, lse, entropy
 
 
-def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature: float,
-                      inplace: bool):
+def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, opts, inplace: bool,
+                      out: Tensor | None = None):
+    opts = LogprobOptions.of(opts)
     n, v = logits.shape
-    out = logits if inplace else torch.empty_like(logits)
+    out = logits if inplace else (torch.empty_like(logits) if out is None else out)
     for s, e in _row_chunks(n, v):
-        log_p = logits[s:e].to(torch.float32, copy=True)
-        if temperature != 1.0:
-            log_p.div_(temperature)
+        x = logits[s:e].to(torch.float32, copy=True)
+        log_p, slope = opts.transform_with_slope(x)  # z and dz/dx
+        del x
         log_p.sub_(lse[s:e, None])
-        # d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H)
+        # d logp_y / dz = onehot(y) - p ;  d H / dz = -p * (log p + H), 0 where p = 0
         if grad_entropy is None:
             g = log_p.exp_().mul_(-grad_logp[s:e, None])
         else:
             p = torch.exp(log_p)
             coef = log_p.add_(entropy[s:e, None]).mul_(grad_entropy[s:e, None]).add_(grad_logp[s:e, None])
-            g = p.mul_(coef).neg_()
+            g = p.mul_(coef.masked_fill_(p == 0, 0.0)).neg_()
             del coef
         g.scatter_add_(-1, labels[s:e, None], grad_logp[s:e, None])
-        if temperature != 1.0:
-            g.div_(temperature)
+        g.mul_(slope)
         out[s:e] = g
         del g, log_p
     return out
@@ -89,61 +94,67 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                     returns, *, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                     entropy_coef, value_clip, value_coef):
+                     returns, loss_weight, opts):
     """Loss, stats and per-token gradients with the derivatives written out (custom ops run
     below autograd, so the gradient is stated, not traced)."""
     n = mask.sum()
     inv = 1.0 / n.clamp_min(1.0)
     valid = mask != 0  # select, never multiply: padding may hold inf/NaN garbage
+    # the weight of each token in the loss (and its gradients); the stats stay token means
+    w = mask * inv if loss_weight is None else loss_weight
     zero = torch.zeros_like(logp)
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     a = advantages
     unclipped = -a * ratio
-    clipped = -a * ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
+    clipped = -a * ratio.clamp(1 - opts.clip_eps, 1 + opts.clip_high)
     take_unclipped = unclipped >= clipped
     pg = torch.where(take_unclipped, unclipped, clipped)
     d_pg = torch.where(take_unclipped, unclipped, zero)  # d(-A r)/d logp = -A r
-    if dual_clip is not None:
-        capped = (a < 0) & (pg > -a * dual_clip)
-        pg = torch.where(capped, -a * dual_clip, pg)
+    if opts.dual_clip is not None:
+        capped = (a < 0) & (pg > -a * opts.dual_clip)
+        pg = torch.where(capped, -a * opts.dual_clip, pg)
         d_pg = torch.where(capped, zero, d_pg)
     total, g_logp = pg, d_pg
     kl = zero
     if ref_logp is not None:
         d = logp - ref_logp
-        if kl_estimator == "k1":
+        est = opts.kl_estimator
+        if est in ("k1", "k1+"):
             kl, d_kl = d, torch.ones_like(d)
-        elif kl_estimator == "k2":
+        elif est == "k2":
             kl, d_kl = 0.5 * d * d, d
         else:
             e = torch.exp(-d)
             kl, d_kl = e + d - 1, 1 - e
-        total = total + kl_coef * kl
-        g_logp = g_logp + kl_coef * d_kl
+        if est.endswith("+"):  # straight-through: the value above, the gradient of k2
+            d_kl = d
+        total = total + opts.kl_coef * kl
+        g_logp = g_logp + opts.kl_coef * d_kl
     ent = zero if entropy is None else entropy
     if entropy is not None:
-        total = total - entropy_coef * entropy
+        total = total - opts.entropy_coef * entropy
     vf = zero
     g_val = logp.new_empty(0)
     if values is not None:
         err = values - returns
         vf, d_vf = err * err, err
-        if value_clip is not None and old_values is not None:
+        if opts.value_clip is not None and old_values is not None:
             delta = values - old_values
-            err_c = old_values + delta.clamp(-value_clip, value_clip) - returns
+            err_c = old_values + delta.clamp(-opts.value_clip, opts.value_clip) - returns
             use_unclipped = vf >= err_c * err_c
-            inside = (delta.abs() < value_clip).to(err.dtype)
+            inside = (delta.abs() < opts.value_clip).to(err.dtype)
             vf = torch.where(use_unclipped, vf, err_c * err_c)
             d_vf = torch.where(use_unclipped, err, err_c * inside)
         vf = 0.5 * vf
-        total = total + value_coef * vf
-        g_val = torch.where(valid, value_coef * d_vf * mask, 0.0) * inv
+        total = total + opts.value_coef * vf
+        g_val = torch.where(valid, opts.value_coef * d_vf * w, 0.0)
     approx_kl = ratio - 1 - log_ratio
     clip_ind = (clipped > unclipped).to(logp.dtype)
     terms = torch.stack([total, pg, vf, kl, ent, clip_ind, approx_kl])
     stat_vec = torch.where(valid, terms * mask, 0.0).sum(-1) * inv
-    g_logp = torch.where(valid, g_logp * mask, 0.0) * inv
-    g_ent = -entropy_coef * mask * inv if entropy is not None else logp.new_empty(0)
+    if loss_weight is not None:
+        stat_vec[0] = torch.where(valid, total * loss_weight, 0.0).sum()
+    g_logp = torch.where(valid, g_logp * w, 0.0)
+    g_ent = -opts.entropy_coef * w if entropy is not None else logp.new_empty(0)
     return stat_vec[0].clone(), stat_vec, g_logp, g_ent, g_val

@@ -58,13 +58,13 @@ def _kernels(name: str):
     return importlib.import_module(f"rlfuse.kernels.triton.{name}")
 
 
-def logprobs_forward(logits, labels, temperature, with_entropy):
-    return _kernels("logprobs").logprobs_forward(logits, labels, temperature, with_entropy)
+def logprobs_forward(logits, labels, opts, with_entropy):
+    return _kernels("logprobs").logprobs_forward(logits, labels, opts, with_entropy)
 
 
-def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, inplace):
+def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, opts, inplace, out=None):
     return _kernels("logprobs").logprobs_backward(logits, labels, lse, entropy, grad_logp,
-                                                  grad_entropy, temperature, inplace)
+                                                  grad_entropy, opts, inplace, out=out)
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -72,10 +72,7 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                     returns, *, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                     entropy_coef, value_clip, value_coef):
+                     returns, loss_weight, opts):
     return _kernels("ppo_loss").ppo_loss_forward(
         logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns,
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy_coef=entropy_coef, value_clip=value_clip,
-        value_coef=value_coef)
+        loss_weight, opts)

@@ -72,7 +72,8 @@ def test_scoring_and_training_never_call_the_lm_head(tmp_path):
     ro = generate_rollout(bb, _prompts(bb.tokenizer), n_samples=2, max_new_tokens=4)
     assert calls, "the hook must see generate's LM-head calls (else this test proves nothing)"
     calls.clear()
-    score_rollout(bb, ro, reward_fn=_zero_reward)
+    # a non-zero score: the value head starts at zero, so the value loss then has a gradient
+    score_rollout(bb, ro, reward_fn=lambda prompts, completions: [1.0] * len(completions))
     adv, ret = compute_advantages(ro, estimator="gae", n_samples=2, kl_coef=0.1, kl_in_loss=False)
     cfg = RunConfig().ppo
     from rlfuse.engine.optim import make_optimizer

@@ -68,3 +68,58 @@ def test_pruning_keeps_the_newest(tmp_path):
     assert ck.load_heads(ck.resolve_checkpoint(stage))["value_head.proj.weight"].shape == (1, 2)
     with pytest.raises(FileNotFoundError):
         ck.resolve_checkpoint(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------- issue 15: fallbacks, NaN, modes
+
+def test_latest_naming_a_deleted_folder_falls_back_to_the_newest_complete(tmp_path):
+    import shutil
+
+    stage = tmp_path / "sft"
+    for step in (1, 2):
+        _save(stage, step, step)
+    shutil.rmtree(stage / "ckpt-0000002")  # `latest` still names it
+    assert ck.latest_checkpoint(stage).name == "ckpt-0000001"
+    assert ck.latest_pointer(stage) == "ckpt-0000002"
+
+
+def test_truncated_file_is_skipped_when_verifying(tmp_path):
+    stage = tmp_path / "sft"
+    for step in (1, 2):
+        _save(stage, step, step)
+    adapter = stage / "ckpt-0000002" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:20])  # a copy that stopped half way
+    assert ck.latest_checkpoint(stage, verify=True).name == "ckpt-0000001"
+    state = stage / "ckpt-0000001" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:10])
+    assert ck.latest_checkpoint(stage, verify=True) is None
+
+
+@pytest.mark.parametrize("where", ["adapter", "heads", "optimizer"])
+def test_non_finite_checkpoint_is_refused_before_writing(tmp_path, where):
+    bad = torch.tensor([1.0, float("nan")])
+    kwargs = dict(adapter={"a": torch.ones(2)}, adapter_config={"r": 8}, heads={"h": torch.ones(2)},
+                  trainer_state={"step": 1, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}}})
+    if where == "adapter":
+        kwargs["adapter"] = {"a": bad}
+    elif where == "heads":
+        kwargs["heads"] = {"h": bad}
+    else:
+        kwargs["trainer_state"]["optimizer"]["state"][0]["exp_avg"] = bad
+    with pytest.raises(ValueError, match="non-finite checkpoint"):
+        ck.save_checkpoint(tmp_path / "sft", 1, **kwargs)
+    assert not (tmp_path / "sft").exists()
+
+
+def test_atomic_files_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        ck.write_text_atomic(tmp_path / "a.txt", "x")
+        ck.save_safetensors_atomic({"w": torch.ones(1)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == \
+        {"a.txt": 0o644, "w.safetensors": 0o644}

@@ -53,3 +53,73 @@ def test_cli_import_is_light():
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- issue 15: validation up front
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from rlfuse.engine.config import to_dict, validate  # noqa: E402
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sft.batch_size=-4", "sft.batch_size"), ("rm.batch_size=0", "rm.batch_size"),
+    ("ppo.max_steps=0", "ppo.max_steps"), ("sft.max_steps=0", "sft.max_steps"), ("ppo.n_samples=0", "ppo.n_samples"),
+    ("ppo.ppo_epochs=0", "ppo.ppo_epochs"), ("ppo.max_prompt_length=0", "ppo.max_prompt_length"),
+    ("ppo.gamma=1.5", "ppo.gamma"), ("ppo.lam=-0.1", "ppo.lam"), ("ppo.clip_eps=0", "ppo.clip_eps"),
+    ("ppo.clip_eps=.inf", "ppo.clip_eps"), ("ppo.lr=.nan", "ppo.lr"), ("sft.lr=0", "sft.lr"),
+    ("ppo.minibatch_size=0", "ppo.minibatch_size"), ("save_every=0", "save_every"),
+    ("nonfinite=ignore", "nonfinite"), ("device=gpu", "device")])
+def test_validate_names_key_and_value(override, key):
+    cfg = apply_overrides(RunConfig(), [override])
+    with pytest.raises(ValueError, match=rf"'{key}'") as err:
+        validate(cfg)
+    assert override.split("=")[1].lstrip(".").lower()[:3] in str(err.value).lower()
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_and_presets_validate():
+    validate(RunConfig())
+    validate(load_config("tiny"))
+
+
+def test_invalid_number_fails_before_any_model_load(cli, data, tmp_path, monkeypatch):
+    import rlfuse.engine.backbone as backbone
+
+    monkeypatch.setattr(backbone, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before validating"))
+    code, _, err = cli("sft", "--data", data["sft"], "--run-dir", tmp_path / "run", "--set", "sft.batch_size=0")
+    assert code == 2 and "'sft.batch_size'" in err and not (tmp_path / "run").exists()
+
+
+def test_unknown_key_hint_lists_valid_keys():
+    with pytest.raises(ValueError, match=r"valid keys at ppo: .*prompts"):
+        apply_overrides(RunConfig(), ["ppo.prompt=x.jsonl"])
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+                     st.lists(st.integers(), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_KEYS = st.sampled_from(sorted(k for sec, v in to_dict(RunConfig()).items()
+                               for k in ([f"{sec}.{kk}" for kk in v] if isinstance(v, dict) else [sec])))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(key=st.one_of(_KEYS, st.text(max_size=12)), value=_SCALARS)
+def test_coercion_and_validation_raise_only_valueerror(key, value):
+    try:
+        cfg = apply_overrides(RunConfig(), {key: value} if "." not in key else [f"{key}={value}"])
+        validate(cfg)
+    except ValueError as exc:
+        assert key.split(".")[0] in str(exc) or "key=value" in str(exc) or "config key" in str(exc)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(text=st.text(max_size=40))
+def test_yaml_file_raises_only_valueerror(tmp_path_factory, text):
+    p = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    p.write_text(text)
+    try:
+        validate(load_config(p))
+    except ValueError as exc:
+        assert str(p) in str(exc) or "config key" in str(exc)

@@ -69,3 +69,94 @@ def test_epoch_batches_cover_each_example_once_per_epoch():
     seen = sorted(i for step in range(3) for i in epoch_batches(10, 4, seed=0, step=step))
     assert seen == list(range(10))
     assert epoch_batches(10, 4, 0, 5) == epoch_batches(10, 4, 0, 5)  # any step is reproducible
+
+
+# --------------------------------------------------------------------------- issue 15: bad bytes and numbers
+
+import logging  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_name_file_and_line(tmp_path, tok, number):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "a", "response": "b", "score": 1}\n'
+                 f'{{"prompt": "a", "response": "c", "score": {number}}}\n')
+    with pytest.raises(ValueError, match=rf"{p}:2: non-finite number"):
+        load_reward_dataset(p, tok, 64)
+    p.write_text(f'{{"prompt": "a", "responses": ["x", "y"], "ranks": [1, 2], "weight": [{number}]}}\n')
+    with pytest.raises(ValueError, match=rf"{p}:1: non-finite number"):  # any field, any format
+        read_jsonl(p)
+
+
+def test_invalid_utf8_names_file_and_line_and_bom_is_accepted(tmp_path, tok):
+    p = tmp_path / "sft.jsonl"
+    good = json.dumps({"prompt": "a", "response": "b"}).encode()
+    p.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=rf"{p}:2: not valid UTF-8 \(byte 0xe9"):
+        read_jsonl(p)
+    p.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert [r for _, r in read_jsonl(p)] == [{"prompt": "a", "response": "b"}]
+
+
+def test_overlong_examples_are_counted_in_a_warning(tmp_path, tok, caplog):
+    p = tmp_path / "sft.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "response": "a b c d e f g h i j k l"}) + "\n"
+                 + json.dumps({"prompt": "x " * 40, "response": "y"}) + "\n"
+                 + json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="rlfuse.data"):
+        examples = load_sft_dataset(p, tok, 16)
+    assert len(examples) == 2
+    assert "2 example(s) longer than sft.max_length=16" in caplog.text and "1 of them kept no response" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlfuse.data"):
+        load_prompts(p, tok, 8)
+    assert "prompt(s) longer than ppo.max_prompt_length=8" in caplog.text
+
+
+def test_identical_chosen_and_rejected_are_dropped_with_a_warning(tmp_path, tok, caplog):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n"
+                 + json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="rlfuse.data"):
+        pairs, _ = load_reward_dataset(p, tok, 64)
+    assert len(pairs) == 1 and "dropped 1 pair(s) whose chosen and rejected texts are identical" in caplog.text
+
+
+def test_missing_dataset_hint_names_the_verbs_flag(tok):
+    with pytest.raises(ValueError, match="--prompts prompts.jsonl"):
+        load_prompts(None, tok, 64)
+    with pytest.raises(ValueError, match="--data sft.jsonl"):
+        load_sft_dataset(None, tok, 64)
+
+
+_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6)),
+                     lambda inner: (st.lists(inner, max_size=3)
+                                    | st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                     max_leaves=8)
+
+
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x", 3]),
+                                             "content": st.one_of(st.text(max_size=6), st.none())}), max_size=3)
+_RECORD = st.dictionaries(st.sampled_from(["prompt", "response", "chosen", "rejected", "score", "messages", "system"]),
+                          st.one_of(_JSON, _MESSAGES), max_size=5)  # near-valid lines reach the deeper checks
+
+
+def _line(value) -> bytes:
+    return json.dumps(value).encode()  # json.dumps writes NaN / Infinity for non-finite floats
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(lines=st.lists(st.one_of(_RECORD.map(_line), _JSON.map(_line), st.binary(max_size=20)), min_size=1, max_size=4),
+       loader=st.sampled_from(["read", "sft", "rm", "prompts"]))
+def test_random_jsonl_raises_valueerror_naming_the_file(tmp_path_factory, tok, lines, loader):
+    p = tmp_path_factory.mktemp("d") / "x.jsonl"
+    p.write_bytes(b"\n".join(line.replace(b"\n", b" ") for line in lines) + b"\n")
+    load = {"read": read_jsonl, "sft": lambda q: load_sft_dataset(q, tok, 32),
+            "rm": lambda q: load_reward_dataset(q, tok, 32), "prompts": lambda q: load_prompts(q, tok, 32)}[loader]
+    try:
+        load(p)
+    except ValueError as exc:
+        assert str(p) in str(exc) or "chat template" in str(exc)

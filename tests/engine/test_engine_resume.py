@@ -80,3 +80,27 @@ def test_cli_resume_extends_a_finished_run(cli, data, tmp_path):
     assert [r["step"] for r in read_rows(run / "metrics.jsonl")] == [1, 2]
     code, out, err = cli(*args, "--max-steps", 2, "--resume")  # nothing left to do
     assert code == 0 and "already finished" in out
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_resume_falls_back_when_latest_is_gone_or_truncated(tmp_path, data, capsys, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    train_sft(_cfg(run, data))
+    newest = latest_checkpoint(run / "sft")
+    assert newest.name == "ckpt-0000004"
+    if damage == "delete":
+        shutil.rmtree(newest)
+    else:
+        adapter = newest / "adapter_model.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[:100])
+    capsys.readouterr()
+    cfg = _cfg(run, data)
+    cfg.resume = True
+    steps = []
+    train_sft(cfg, callbacks=[lambda s, step, m: steps.append(step)])
+    out = capsys.readouterr().out
+    assert "'latest' names ckpt-0000004, which is missing or incomplete; using ckpt-0000002" in out
+    assert "resuming sft from" in out and "(step 2): restored the adapter, optimizer state and RNG" in out
+    assert steps == [3, 4] and [r["step"] for r in read_rows(run / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -1,0 +1,234 @@
+"""The rollout sampler: a KV-cache decode loop that samples from EXACTLY softmax(logits / T).
+
+Why not ``model.generate``: it applies whatever the checkpoint's ``generation_config`` carries
+(repetition_penalty, suppress_tokens, min_p, forced tokens...), even when given a fresh
+GenerationConfig, while PPO scores the pure softmax(logits / T). Sampling from anything else
+trains off-policy without a warning. This loop never reads the generation_config.
+
+    prefill   one decoder pass over the left-padded prompts (positions count real tokens
+              only, like ``position_ids_from_mask``, so sampling and scoring see the same
+              positions and the same log-probs); identical rows (the samples of one prompt)
+              are prefilled once and share the result
+    decode    one token per step through the KV cache; the LM head runs on the last hidden
+              state only; rows that produced an EOS leave the batch and the cache, so a
+              finished row costs nothing more; the loop ends when every row has finished
+
+Reproducible: each row draws its randomness from its own key (seed, iteration, prompt index,
+sample index): one uniform per step from a generator seeded by a hash of the key, turned into
+a token by inverse-CDF sampling (float64 cumulative sum of the float32 probabilities). A
+completion therefore does not depend on batch size, batch composition, padding or the number
+of processes (up to float rounding of the logits themselves).
+
+Compiled: ``compile=True`` runs the decode step through ``torch.compile`` (mode
+"reduce-overhead", i.e. CUDA graphs, on a GPU), falling back to eager with a warning if
+compilation fails. Finished rows are still dropped: the batch shrinks, so the step is marked
+dynamic in its batch and cache length (no recompilation per step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # [B, R] completion tokens, pad_id after a row's first EOS
+    logprobs: torch.Tensor  # [B, R] float32 log-prob of each sampled token under softmax(z / T), 0 after EOS
+    finished: torch.Tensor  # [B] bool: the row produced an EOS within max_new_tokens
+    forward_rows: int  # rows pushed through decode steps (prefill excluded): what finished rows save
+
+
+def key_seed(key) -> int:
+    """A 63-bit generator seed from a tuple of ints, stable across processes and machines
+    (Python's ``hash`` is not guaranteed to be)."""
+    ints = tuple(int(k) for k in key)
+    digest = hashlib.blake2b(repr(ints).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def row_uniforms(row_keys, n_steps: int, device) -> torch.Tensor:
+    """[B, n_steps] float64 uniforms in [0, 1): row i's come from its key only."""
+    out = torch.empty(len(row_keys), n_steps, dtype=torch.float64)
+    for i, key in enumerate(row_keys):
+        g = torch.Generator().manual_seed(key_seed(key))
+        out[i] = torch.rand(n_steps, dtype=torch.float64, generator=g)
+    return out.to(device)
+
+
+def final_logits(hidden: torch.Tensor, lm_head, config, temperature: float) -> torch.Tensor:
+    """float32 logits / T of the last hidden states, with the model's own final-logit scale
+    and softcap (z * logit_scale, then softcap * tanh(z / softcap)), as scoring applies them."""
+    z = lm_head(hidden).float()
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        z = z * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    return z / temperature
+
+
+def pick_tokens(z: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, their log-probs) from logits/T ``z`` [B, V]: inverse-CDF with uniforms ``u`` [B],
+    or argmax when ``u`` is None (greedy)."""
+    logp = torch.log_softmax(z, -1)
+    if u is None:
+        tokens = z.argmax(-1)
+    else:
+        cdf = logp.double().exp().cumsum(-1)
+        # right=True: a zero-probability token (a zero-width CDF step) can never be chosen
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        tokens = tokens.clamp_(max=z.shape[-1] - 1)
+    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def check_request(input_ids, attention_mask, *, max_new_tokens: int, temperature: float, greedy: bool,
+                  top_k, top_p, max_positions: int | None, row_keys) -> None:
+    """Clear one-line errors for requests the sampler cannot serve exactly."""
+    if top_k not in (None, 0) or top_p not in (None, 1.0):
+        raise ValueError(f"sampler: top_k={top_k} / top_p={top_p} are not supported: PPO scores the full "
+                         "softmax(logits / T), so truncated sampling would be off-policy")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"sampler: temperature must be > 0, got {temperature}")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"sampler: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        raise ValueError(f"sampler: empty prompt list (input_ids shape {tuple(input_ids.shape)})")
+    lengths = attention_mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError(f"sampler: prompt {int((lengths == 0).nonzero()[0])} is empty (no unmasked token)")
+    longest = int(lengths.max())
+    if max_positions is not None and longest + max_new_tokens > max_positions:
+        raise ValueError(f"sampler: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context (max_position_embeddings={max_positions})")
+    if row_keys is not None and len(row_keys) != input_ids.shape[0]:
+        raise ValueError(f"sampler: {len(row_keys)} row_keys for {input_ids.shape[0]} rows")
+
+
+def cache_kwarg(decoder) -> str:
+    """transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+class _DecodeStep:
+    """decoder + LM head on one new token per row; eager, or compiled with an eager fallback."""
+
+    def __init__(self, decoder, lm_head, config, temperature: float, compile: bool | str):
+        self.decoder, self.lm_head, self.config, self.temperature = decoder, lm_head, config, temperature
+        self.cache_kwarg = cache_kwarg(decoder)
+        self.compiled = None
+        if compile:  # True: inductor; a string names another torch.compile backend (tests: "aot_eager")
+            backend = compile if isinstance(compile, str) else "inductor"
+            mode = "reduce-overhead" if backend == "inductor" and next(decoder.parameters()).is_cuda else None
+            try:
+                self.compiled = torch.compile(self._eager, dynamic=True, backend=backend, mode=mode)
+            except Exception as exc:  # e.g. an unknown backend
+                self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
+        warnings.warn(f"sampler: torch.compile of the decode step failed ({type(exc).__name__}: "
+                      f"{(str(exc).splitlines() or [''])[0][:200]}); decoding eagerly", stacklevel=3)
+        self.compiled = None
+
+    def _eager(self, ids, attention_mask, position_ids, cache):
+        out = self.decoder(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=True, **{self.cache_kwarg: cache})
+        return final_logits(out.last_hidden_state[:, -1], self.lm_head, self.config, self.temperature)
+
+    def __call__(self, ids, attention_mask, position_ids, cache):
+        if self.compiled is not None:
+            try:
+                return self.compiled(ids, attention_mask, position_ids, cache)
+            except Exception as exc:  # a backend without a compiler, an unsupported op...
+                self._fall_back(exc)
+        return self._eager(ids, attention_mask, position_ids, cache)
+
+
+@torch.no_grad()
+def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                  max_new_tokens: int, eos_token_ids, pad_token_id: int, temperature: float = 1.0,
+                  greedy: bool = False, row_keys=None, top_k=None, top_p=None,
+                  compile: bool | str = False) -> SampleOutput:
+    """Sample completions of left-padded prompts with ``decoder`` (a HF decoder with its adapters
+    as they are: set the active adapter before calling) and ``lm_head``. ``row_keys``: one tuple
+    of ints per row, the only source of that row's randomness (required unless ``greedy``)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_request(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                  greedy=greedy, top_k=top_k, top_p=top_p, row_keys=row_keys,
+                  max_positions=getattr(text_config, "max_position_embeddings", None))
+    if not greedy and row_keys is None:
+        raise ValueError("sampler: row_keys are required for sampling (one tuple of ints per row)")
+    from transformers import DynamicCache
+
+    B, device = input_ids.shape[0], input_ids.device
+    temperature = 1.0 if greedy else float(temperature)
+    uniforms = None if greedy else row_uniforms(row_keys, max_new_tokens, device)
+    eos = torch.tensor(sorted(set(eos_token_ids)), device=device, dtype=torch.long)
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    # prefill: the whole prompt, the LM head on its last position only. Rows that repeat a prompt
+    # (GRPO's G samples of one prompt) are prefilled ONCE, then the cache is expanded to every row.
+    mask = attention_mask.long()
+    unique, inverse = torch.unique(torch.cat([input_ids, mask], 1), dim=0, return_inverse=True)
+    shared = unique.shape[0] < B
+    u_ids, u_mask = (unique[:, :input_ids.shape[1]], unique[:, input_ids.shape[1]:]) if shared else (input_ids, mask)
+    cache = DynamicCache(config=config)
+    out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
+                  use_cache=True, **{cache_kwarg(decoder): cache})
+    z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, temperature)
+    if shared:
+        cache.batch_select_indices(inverse)
+        z = z[inverse]
+    next_pos = mask.sum(1, keepdim=True)  # the position of each row's next token
+    active = torch.arange(B, device=device)  # original row of each row still decoding
+    step_fn = _DecodeStep(decoder, lm_head, text_config, temperature, compile)
+    forward_rows, n_steps = 0, 0
+    for t in range(max_new_tokens):
+        n_steps = t + 1
+        tok, lp = pick_tokens(z, None if greedy else uniforms[active, t])
+        tokens[active, t], logprobs[active, t] = tok, lp
+        done = torch.isin(tok, eos)
+        if done.any():
+            finished[active[done]] = True
+            if bool(done.all()):
+                break
+            keep = (~done).nonzero().squeeze(-1)
+            # drop finished rows from the batch AND the cache: they stop costing compute
+            cache.batch_select_indices(keep)
+            active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
+        if t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        z = step_fn(tok.unsqueeze(-1), mask, next_pos, cache)
+        next_pos = next_pos + 1
+        forward_rows += tok.shape[0]
+    return SampleOutput(tokens[:, :n_steps], logprobs[:, :n_steps], finished, forward_rows)
+
+
+def sample(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+           temperature: float = 1.0, adapter: str | None = "policy", greedy: bool = False, row_keys=None,
+           top_k=None, top_p=None, compile: bool | str | None = None) -> SampleOutput:
+    """:func:`sample_tokens` with one adapter of a :class:`~rlfuse.engine.backbone.Backbone`
+    active (None: the bare base model), in eval mode (no LoRA dropout). ``compile=None``: the
+    backbone's ``compile_sampler`` setting."""
+    if compile is None:
+        compile = getattr(backbone, "compile_sampler", False)
+    model = backbone.model
+    was_training = model.training
+    model.eval()
+    try:
+        with backbone.use(adapter):
+            return sample_tokens(backbone.decoder, backbone.lm_head, backbone.base.config, input_ids,
+                                 attention_mask, max_new_tokens=max_new_tokens,
+                                 eos_token_ids=backbone.eos_token_ids(), pad_token_id=backbone.tokenizer.pad_token_id,
+                                 temperature=temperature, greedy=greedy, row_keys=row_keys, top_k=top_k,
+                                 top_p=top_p, compile=compile)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,196 @@
+"""The engine's own sampler: exactly softmax(logits / T), reproducible per row key, finished rows dropped."""
+
+import math
+
+import pytest
+import torch
+
+from rlfuse.engine.backbone import load_backbone
+from rlfuse.engine.config import ModelConfig
+from rlfuse.engine.data import Prompt, pad
+from rlfuse.engine.rollout import generate_rollout, score_rollout
+from rlfuse.engine.sampler import final_logits, sample, sample_tokens
+
+TEXTS = ("say red", "a much longer prompt here, with more words", "hi", "two words")
+
+
+def _prompts(tok, texts=TEXTS):
+    out = []
+    for t in texts:
+        rendered = tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        out.append(Prompt(t, rendered, tok(rendered, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def _zero_reward(prompts, completions):
+    return [0.0] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    bb = load_backbone(ModelConfig(), device="cpu", adapters=["policy"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a policy far from the base, so the adapter visibly matters
+        for p in bb.adapter_parameters("policy"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return bb
+
+
+def _tv_bound(p: torch.Tensor, n: int) -> float:
+    """E[TV(empirical, p)] <= 1/2 sum sqrt(p/n); TV moves by <= 1/n per sample, so (McDiarmid)
+    exceeding the mean by 0.06 has probability <= exp(-2 n 0.06^2) (< 1e-12 at n = 4000)."""
+    return 0.5 * float(torch.sqrt(p / n).sum()) + 0.06
+
+
+def test_first_token_follows_the_scored_softmax_whatever_the_generation_config(bb):
+    tok, T, n = bb.tokenizer, 0.8, 4000
+    prompt = _prompts(tok, ["say red"])[0]
+    ids = torch.tensor([prompt.input_ids] * n)
+    attn = torch.ones_like(ids)
+    with torch.no_grad(), bb.use("policy"):  # the scored distribution of the first completion token
+        h = bb.hidden_states(ids[:1], attn[:1])[:, -1]
+        p = torch.softmax(bb.lm_head(h).float() / T, -1)[0]
+    gc = bb.base.generation_config
+    saved = {k: getattr(gc, k, None) for k in ("suppress_tokens", "repetition_penalty", "min_p")}
+    allowed = p.topk(5).indices.tolist()
+    gc.suppress_tokens = [i for i in range(len(p)) if i not in allowed]  # what a real checkpoint may ship
+    gc.repetition_penalty, gc.min_p = 1.3, 0.05
+    try:
+        ours = bb.generate(ids, attn, max_new_tokens=1, temperature=T, row_keys=[(0, 0, 0, j) for j in range(n)])
+        bb.model.eval()
+        torch.manual_seed(0)
+        with torch.no_grad(), bb.use("policy"):  # the old path: model.generate applies the config
+            old = bb.model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=T, top_k=0,
+                                    top_p=1.0, max_new_tokens=1, pad_token_id=tok.pad_token_id)
+    finally:
+        for k, v in saved.items():
+            setattr(gc, k, v)
+    P = ids.shape[1]
+
+    def tv(samples):
+        return 0.5 * float((torch.bincount(samples, minlength=len(p)).float() / n - p).abs().sum())
+
+    assert p[allowed].sum() < 0.5  # the suppression really changes the distribution
+    assert tv(ours[:, P]) <= _tv_bound(p, n)
+    assert tv(old[:, P]) > 0.4, "the old generate path should have been off-policy here"
+
+
+def test_sampled_logprobs_equal_the_scored_ones(bb):
+    ro = generate_rollout(bb, _prompts(bb.tokenizer), n_samples=3, max_new_tokens=7, temperature=0.7, seed=5)
+    sampled = ro.sample_logp.clone()
+    score_rollout(bb, ro, temperature=0.7, reward_fn=_zero_reward, with_values=False)
+    mask = ro.response_mask.bool()
+    assert mask.sum() > 10 and (sampled[mask] < 0).all()
+    torch.testing.assert_close(ro.logp, sampled, atol=2e-5, rtol=1e-5)
+
+
+def test_a_prompt_alone_or_in_a_batch_gets_the_same_completions(bb):
+    prompts = _prompts(bb.tokenizer)
+    together = generate_rollout(bb, prompts, n_samples=2, max_new_tokens=8, seed=1, iteration=4,
+                                prompt_indices=[10, 11, 12, 13])
+    assert len({p.input_ids.__len__() for p in prompts}) > 1  # different padding inside the batch
+    for i, prompt in enumerate(prompts):
+        alone = generate_rollout(bb, [prompt], n_samples=2, max_new_tokens=8, seed=1, iteration=4,
+                                 prompt_indices=[10 + i])
+        assert alone.completions == together.completions[2 * i: 2 * i + 2]
+    assert together.completions[0] != together.completions[1]  # samples of one prompt differ
+    other = generate_rollout(bb, prompts, n_samples=2, max_new_tokens=8, seed=1, iteration=5,
+                             prompt_indices=[10, 11, 12, 13])
+    assert other.completions != together.completions  # the iteration is part of the key
+
+
+def test_eager_and_compiled_decode_give_the_same_tokens(bb):
+    ids, attn = pad([p.input_ids for p in _prompts(bb.tokenizer)], bb.tokenizer.pad_token_id, side="left")
+    keys = [(7, 0, i, 0) for i in range(len(ids))]
+    eager = sample(bb, ids, attn, max_new_tokens=6, row_keys=keys, compile=False)
+    # aot_eager traces the same graph as inductor without its minutes-long C++ build on CPU
+    compiled = sample(bb, ids, attn, max_new_tokens=6, row_keys=keys, compile="aot_eager")
+    assert torch.equal(eager.tokens, compiled.tokens)
+    torch.testing.assert_close(eager.logprobs, compiled.logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="decoding eagerly"):  # a failing compile falls back, same tokens
+        fallback = sample(bb, ids, attn, max_new_tokens=6, row_keys=keys, compile="no_such_backend")
+    assert torch.equal(eager.tokens, fallback.tokens)
+
+
+def test_finished_rows_leave_the_batch(bb):
+    tok = bb.tokenizer
+    ids, attn = pad([p.input_ids for p in _prompts(tok)], tok.pad_token_id, side="left")
+    args = (bb.decoder, bb.lm_head, bb.base.config, ids, attn)
+    kw = dict(max_new_tokens=6, pad_token_id=tok.pad_token_id, greedy=True)
+    free = sample_tokens(*args, eos_token_ids=[tok.eos_token_id], **kw)
+    assert not free.finished.any() and free.forward_rows == 4 * 5  # 5 decode steps after the prefill
+    stop = int(free.tokens[0, 1])  # row 0 stops at its 2nd token; other rows may stop on it too
+    rows_seen = []
+    hook = bb.decoder.register_forward_pre_hook(lambda m, a, k: rows_seen.append(k["input_ids"].shape[0]),
+                                                with_kwargs=True)
+    try:
+        out = sample_tokens(*args, eos_token_ids=[stop], **kw)
+    finally:
+        hook.remove()
+    first_stop = [next((t for t in range(6) if free.tokens[r, t] == stop), 6) for r in range(4)]
+    expected = sum(sum(1 for t in range(1, 6) if t <= s) for s in first_stop)  # step t runs while not stopped before
+    assert out.finished[0] and out.forward_rows == expected == sum(rows_seen[1:]) < 4 * 5
+    assert rows_seen[0] == 4  # the prefill
+    assert (out.tokens[0, 2:] == tok.pad_token_id).all()  # pad after the EOS
+    assert torch.equal(out.tokens[:, :2], free.tokens[:, :2])
+
+
+def test_truncated_marks_rows_without_an_eos(bb, monkeypatch):
+    eos_like = list(range(100, 263))  # most bytes end a row, so some rows finish and some may not
+    monkeypatch.setattr(bb, "eos_token_ids", lambda: eos_like)
+    ro = generate_rollout(bb, _prompts(bb.tokenizer), n_samples=4, max_new_tokens=3, seed=2)
+    completion = ro.input_ids[:, ro.prompt_len:]
+    has_eos = (torch.isin(completion, torch.tensor(eos_like)) & ro.response_mask.bool()).any(1)
+    assert has_eos.any()
+    assert torch.equal(ro.truncated, ~has_eos)
+
+
+def test_logit_scale_and_softcap_apply_before_the_temperature():
+    class Cfg:
+        logit_scale, final_logit_softcapping = 0.5, 3.0
+
+    head = torch.nn.Linear(4, 6, bias=False)
+    h = torch.randn(2, 4)
+    z = head(h) * 0.5
+    expected = 3.0 * torch.tanh(z / 3.0) / 0.7
+    torch.testing.assert_close(final_logits(h, head, Cfg(), 0.7), expected)
+    torch.testing.assert_close(final_logits(h, head, object(), 0.7), head(h) / 0.7)  # none set: plain
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(top_k=50), "top_k=50 / top_p=None are not supported"),
+    (dict(top_p=0.9), "top_p=0.9 are not supported"),
+])
+def test_bad_requests_get_a_clear_error(bb, kwargs, match):
+    ids, attn = pad([p.input_ids for p in _prompts(bb.tokenizer)], bb.tokenizer.pad_token_id, side="left")
+    kw = {"max_new_tokens": 4, "row_keys": [(0,)] * len(ids), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sample(bb, ids, attn, **kw)
+
+
+def test_empty_and_too_long_prompts_get_a_clear_error(bb):
+    with pytest.raises(ValueError, match="empty prompt list"):
+        generate_rollout(bb, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty prompt list"):
+        bb.generate(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), max_new_tokens=4)
+    n_ctx = bb.base.config.max_position_embeddings
+    long = Prompt("x", "x", [40] * (n_ctx - 2))
+    with pytest.raises(ValueError, match=rf"exceeds the model's context \(max_position_embeddings={n_ctx}\)"):
+        generate_rollout(bb, [long], max_new_tokens=4)
+    assert math.isfinite(n_ctx)
+
+
+def test_samples_of_one_prompt_share_one_prefill(bb):
+    prompts = _prompts(bb.tokenizer)
+    prefill_rows = []
+    hook = bb.decoder.register_forward_pre_hook(lambda m, a, k: prefill_rows.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        ro = generate_rollout(bb, prompts, n_samples=3, max_new_tokens=2, seed=4)
+    finally:
+        hook.remove()
+    assert prefill_rows[0][0] == len(prompts) and len(ro) == 3 * len(prompts)  # 4 prefilled rows serve 12
+    sampled = ro.sample_logp.clone()  # ...and the expanded cache scores like a per-row prefill
+    score_rollout(bb, ro, reward_fn=_zero_reward, with_values=False)
+    torch.testing.assert_close(ro.logp, sampled, atol=2e-5, rtol=1e-5)
