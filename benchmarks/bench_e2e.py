@@ -88,6 +88,16 @@ def _rss_status() -> dict[str, int]:
     return out
 
 
+def touch_weights(model) -> None:
+    """Read every parameter once: safetensors weights may be memory-mapped and paged in lazily by
+    the first forward, which would count the model itself as "growth" (same call in both engines)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+
+
 def reset_peak() -> int:
     """Reset the peak RSS to the current RSS (Linux clear_refs); returns the current RSS."""
     import ctypes
@@ -138,6 +148,7 @@ def run_rlfuse(a) -> dict:
 
         def build_and_reset(*args, **kw):  # the peak counts from here: model + LoRA loaded
             out = build(*args, **kw)
+            touch_weights(out[0].model)
             base["rss"] = reset_peak()
             metrics._PROCESS_PEAK[0] = 0.0  # the engine resets the kernel's peak per phase and folds it in here
             return out
@@ -189,6 +200,7 @@ def run_trl(a) -> dict:
             return out
 
         trainer._generate_and_score_completions = timed
+        touch_weights(trainer.model)
         base = reset_peak()
         trainer.train()
         peak = peak_growth_mb(base)
@@ -250,7 +262,7 @@ def write_results(res: dict, out: Path) -> str:
             "`python benchmarks/bench_e2e.py` (AMD EPYC, 2 cores, shared: load = 1-min load average). Each engine "
             "in a fresh process, interleaved; per run the median over steps (warm-up step excluded), then the "
             "median over repeats. Step = rollout (generation + scoring) + update, seconds. Memory = peak RSS "
-            "growth during training above the RSS with the model and LoRA loaded, MiB. Same saved model, prompts, "
+            "growth during training above the RSS with the model and LoRA loaded (every weight read once, so lazily mapped weights count as loaded), MiB. Same saved model, prompts, "
             "rule reward, LoRA (r=8, alpha=16, all-linear), gradient checkpointing as the column says, AdamW lr 1e-4, KL to the base in the loss (beta=0.04, "
             "k3), one optimisation pass per step, token-mean loss. Differences: exactly L tokens are forced by "
             "min_new_tokens in TRL (EOS banned until L) and by turning EOS stopping off in rlfuse (EOS an ordinary "

@@ -62,14 +62,16 @@ def row_uniforms(row_keys, n_steps: int, device) -> torch.Tensor:
 
 def final_logits(hidden: torch.Tensor, lm_head, config, temperature: float) -> torch.Tensor:
     """float32 logits / T of the last hidden states, with the model's own final-logit scale
-    and softcap (z * logit_scale, then softcap * tanh(z / softcap)), as scoring applies them."""
+    and softcap (z * logit_scale, then softcap * tanh(z / softcap)) read exactly as scoring reads
+    them (``lm_head_logit_options``: Gemma's softcap, Cohere's scale, Granite's divisor)."""
+    from .lm_head_options import lm_head_logit_options
+
+    opts = lm_head_logit_options(config)
     z = lm_head(hidden).float()
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        z = z * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        z = cap * torch.tanh(z / cap)
+    if opts["logit_scale"] is not None:
+        z = z * opts["logit_scale"]
+    if opts["softcap"] is not None:
+        z = opts["softcap"] * torch.tanh(z / opts["softcap"])
     return z / temperature
 
 
@@ -183,6 +185,7 @@ def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_m
     out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
                   use_cache=True, **{cache_kwarg(decoder): cache})
     z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, temperature)
+    del out  # the prompt's hidden states: only the cache is needed from here
     if shared:
         cache.batch_select_indices(inverse)
         z = z[inverse]

@@ -3,7 +3,10 @@
 
 The op is a torch.library custom op with a fake implementation and an autograd formula,
 so it runs inside torch.compile graphs without breaks; the work is done by the backend
-picked in ``dispatch``.
+picked in ``dispatch``. Its options (temperature, softcap, logit_scale) travel as one
+``LogprobOptions``, validated here and flattened to scalars only at the custom-op boundary.
+On CPU the backward writes into recycled memory (``_GradientRecycler``): a fresh [N, V]
+gradient costs more in page faults than the kernel itself.
 """
 
 from __future__ import annotations
