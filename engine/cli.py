@@ -151,11 +151,13 @@ def _train(args, cfg) -> int:
         result = run(cfg)
     import json
 
-    from .distributed import world
+    from .distributed import barrier, shutdown, world
 
     if world().is_main:  # data-parallel ranks ran the same job: one report
         print(json.dumps(result, indent=2, default=str))
         print(f"[rlfuse] run directory: {cfg.run_dir}")
+    barrier()  # every rank done (rank 0's last checkpoint written) before the group goes away
+    shutdown()
     return 0
 
 

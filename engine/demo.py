@@ -176,41 +176,6 @@ def dequantized_copy(gguf_path: str, cache_dir: str | None = None) -> tuple[str,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(gguf_path)
-    st = src.stat()
-    root = Path(cache_dir or os.environ.get("RLFUSE_CACHE") or Path.home() / ".cache" / "rlfuse")
-    out = root / "models" / f"{src.stem}-{st.st_size}-{int(st.st_mtime)}-f32"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
-        return str(out), False
-    tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-    # the weights are plain float32 tensors now; drop the gguf marker so they can be saved
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE.txt").write_text(f"dequantized from {src} by rlfuse demo\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return str(out), True
-
-
-
-
-def dequantized_copy(gguf_path: str, cache_dir: str | None = None) -> tuple[str, bool]:
-    """(directory, made_now): a float32 safetensors copy of a .gguf model plus its tokenizer.
-
-    The model is read ONCE with transformers' ``gguf_file=`` (which dequantizes every tensor:
-    ~20 s of CPU for SmolLM2-135M, the tokenizer another ~4 s); the engine's three stages and
-    the demo's evaluator then load the copy in well under a second each. The copy lives in
-    ``$RLFUSE_CACHE`` (default ``~/.cache/rlfuse``), keyed by the file's name, size and mtime.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .memory import release_memory
 
     src = Path(gguf_path)

@@ -30,4 +30,5 @@ with open(os.path.join(out_dir, f"rank{w.rank}.json"), "w") as fh:
     json.dump({"rank": w.rank, "size": w.size, "lo": lo, "hi": hi, "white": white.tolist(),
                "grad": p.grad.tolist(), "metrics": metrics,
                "objects": D.gather_objects(w.rank * 10)}, fh)
+D.barrier()  # no rank tears the group down while another's last collective is in flight
 D.shutdown()
