@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -51,11 +50,6 @@ def _rss_bytes() -> int:
     except ImportError:  # Linux fallback
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _fake_rollout(tokenizer, batch_size: int, seq_len: int, device):
@@ -159,9 +153,15 @@ def measure(mode: str, *, model: str = "tiny", device: str = "cpu", batch_size: 
         step(cfg, device, batch_size, seq_len)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    from .metrics import peak_memory_mb, reset_peak_memory
+
+    release_memory()
     base = _rss_bytes()
+    # the peak of the measured step only: on Linux the high-water mark is reset to the current RSS
+    # here, so an earlier transient (imports, warm-up) cannot stand in for the step's own peak
+    reset_peak_memory(device)
     step(cfg, device, batch_size, seq_len)
-    return _peak_rss_bytes() - base
+    return int(peak_memory_mb(device) * 2**20) - base
 
 
 def compare_memory(model: str = "tiny-small", *, device: str = "auto", batch_size: int = 4, seq_len: int = 128,
