@@ -79,13 +79,9 @@ def prepare_model(name: str, directory: str) -> str:
 # ------------------------------------------------------------------------- memory probe
 
 def _rss_status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
+    from rlfuse.benchmarks.measure import _proc_status  # the suite's VmRSS / VmHWM reader
+
+    return _proc_status()
 
 
 def touch_weights(model) -> None:

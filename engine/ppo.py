@@ -279,61 +279,44 @@ def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_co
                       else (ro.response_mask[idx].sum(1) > 0).sum()).item()
             share = weight / D.global_count(weight) if w.distributed else 1.0
             optimizer.zero_grad(set_to_none=True)
-            stand_in = len(idx) == 0 and bool(D.fsdp_units(backbone))
-            if stand_in:  # FSDP2 needs every rank's forward and backward: run one row, weighted 0
+            # a rank with no rows in this minibatch still joins every collective below; under FSDP2
+            # it must also run forward and backward, so it runs one row weighted 0 (a stand-in)
+            contributes = len(idx) > 0
+            if not contributes and D.fsdp_units(backbone):
                 idx, share = torch.zeros(1, dtype=torch.long, device=ro.input_ids.device), 0.0
-            if len(idx) == 0:  # no rows of this minibatch here: contribute zero gradients to the sum
-                D.reduce_gradients(params)
-                for p in policy_params:
-                    p.grad = None
-                grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
-                if check_update is None or check_update(torch.zeros(()), grad_norm):  # same verdict on every rank
-                    optimizer.step()
-                    for k, v in D.reduce_metrics({}, weight=0.0).items():  # the minibatch's stats, from the others
-                        totals[k] = totals.get(k, 0.0) + float(v)
-                    n_updates += 1
-                continue
-            with backbone.use(POLICY):
-                logp, entropy, values = policy_outputs(backbone, ro.input_ids[idx], ro.attention_mask[idx],
-                                                       ro.prompt_len, temperature=c.temperature,
-                                                       with_values=critic and not own_critic)
-            if own_critic:  # one more forward (and backward) through the value adapter
-                values = critic_values(backbone, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len)
-            if reuse_forward:
-                mask = ro.response_mask[idx]
-                ro.logp, ro.entropy = torch.empty_like(logp), torch.empty_like(logp)
-                ro.logp[idx], ro.entropy[idx] = logp.detach() * mask, entropy.detach() * mask
-            loss, stats = K.ppo_loss(
-                logp, ro.logp[idx], advantages[idx], ro.response_mask[idx],
-                clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                ref_logp=ro.ref_logp[idx], kl_coef=kl_coef if c.kl_in_loss else 0.0, kl_estimator=c.kl_estimator,
-                entropy=entropy if c.entropy_coef > 0 else entropy.detach(), entropy_coef=c.entropy_coef,
-                values=values, old_values=ro.values[idx] if critic else None,
-                returns=returns[idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
-                **agg)
-            (loss * share if w.distributed else loss).backward()
-            if stand_in:  # the stand-in row's stats are not this rank's: report none, as an empty rank does
-                D.reduce_gradients(params)
-                grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
-                for p in policy_params:
-                    p.grad = None
-                if check_update is None or check_update(torch.zeros(()), grad_norm):
-                    optimizer.step()
-                    for k, v in D.reduce_metrics({}, weight=0.0).items():
-                        totals[k] = totals.get(k, 0.0) + float(v)
-                    n_updates += 1
-                continue
+            loss, stats = torch.zeros(()), {}
+            if len(idx):
+                with backbone.use(POLICY):
+                    logp, entropy, values = policy_outputs(backbone, ro.input_ids[idx], ro.attention_mask[idx],
+                                                           ro.prompt_len, temperature=c.temperature,
+                                                           with_values=critic and not own_critic)
+                if own_critic:  # one more forward (and backward) through the value adapter
+                    values = critic_values(backbone, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len)
+                if reuse_forward:
+                    mask = ro.response_mask[idx]
+                    ro.logp, ro.entropy = torch.empty_like(logp), torch.empty_like(logp)
+                    ro.logp[idx], ro.entropy[idx] = logp.detach() * mask, entropy.detach() * mask
+                loss, stats = K.ppo_loss(
+                    logp, ro.logp[idx], advantages[idx], ro.response_mask[idx],
+                    clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
+                    ref_logp=ro.ref_logp[idx], kl_coef=kl_coef if c.kl_in_loss else 0.0,
+                    kl_estimator=c.kl_estimator, entropy=entropy if c.entropy_coef > 0 else entropy.detach(),
+                    entropy_coef=c.entropy_coef, values=values, old_values=ro.values[idx] if critic else None,
+                    returns=returns[idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
+                    **agg)
+                (loss * share if w.distributed else loss).backward()
             D.reduce_gradients(params)  # sum over ranks of share * local loss = the global minibatch loss
             for p in policy_params:  # AdamW skips a parameter without a gradient: the policy stays put
                 p.grad = None
             grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
-            if check_update is not None and not check_update(loss, grad_norm):  # Stage.check_update: NaN guard
-                continue  # nonfinite=skip: this minibatch's update is dropped
+            if check_update is not None and not check_update(loss if contributes else torch.zeros(()), grad_norm):
+                continue  # nonfinite=skip: this minibatch's update is dropped (on every rank: same grad norm)
             optimizer.step()
-            step_stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm}
-            if w.distributed:
-                step_stats = D.reduce_metrics({k: float(v) for k, v in step_stats.items()}, weight=weight)
-            if on_minibatch is not None:
+            step_stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm} if contributes else {}
+            if w.distributed:  # global token means; a rank without rows adds weight 0 and takes the others'
+                step_stats = D.reduce_metrics({k: float(v) for k, v in step_stats.items()},
+                                              weight=weight if contributes else 0.0)
+            if on_minibatch is not None and contributes:
                 on_minibatch(epoch, i, {k: float(v) for k, v in step_stats.items()})
             for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)

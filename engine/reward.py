@@ -190,7 +190,7 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
         loss = torch.zeros((), device=stage.device)
         metrics = {}
         stand_in = not seqs and bool(D.fsdp_units(backbone))  # FSDP2 needs this rank's forward+backward too
-        rows = seqs or ([(train_set or ratings)[0].response_ids[0] if train_set else ratings[0].input_ids]
+        rows = seqs or ([train_set[0].response_ids[0] if train_set else ratings[0].input_ids]
                         if stand_in else [])
         ids, attn = pad(rows, tok.pad_token_id, device=stage.device) if rows else (None, None)
         scores = backbone.reward_scores(ids, attn) if rows else None  # a rank may get an empty block

@@ -2,8 +2,8 @@
 //
 // Plain C so that it compiles under g++, nvcc and the CUDA host emulation alike. The codes are
 // those of kernels/ppo_options.py (KL_CODES, LOSS_AGG_CODES), the one table; a test reads this
-// header and checks that they agree. Each bindings file fills the struct from the flat tuple of
-// PPOLossOptions.as_op_args() in one function. "Absent" is a has_* flag of 0.
+// header and checks that they agree. Both bindings fill the struct from the flat tuple of
+// PPOLossOptions.as_op_args() with ppo_options_args.h. "Absent" is a has_* flag of 0.
 #pragma once
 
 #ifdef __CUDACC__

@@ -3,33 +3,13 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "../common/ppo_options_args.h"
 
 namespace {
 
 using OptT = std::optional<at::Tensor>;
 using OptD = std::optional<double>;
 
-// The one place where the flat PPOLossOptions.as_op_args() tuple becomes the C options struct.
-rlfuse_ppo_options ppo_options(double clip_eps, OptD clip_eps_high, OptD dual_clip, double kl_coef,
-                               int64_t kl_estimator, double entropy_coef, OptD value_clip,
-                               double value_coef, int64_t loss_agg, OptD loss_agg_norm) {
-  rlfuse_ppo_options o{};
-  o.clip_eps = static_cast<float>(clip_eps);
-  o.has_clip_eps_high = clip_eps_high.has_value();
-  o.clip_eps_high = static_cast<float>(clip_eps_high.value_or(0.0));
-  o.has_dual_clip = dual_clip.has_value();
-  o.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
-  o.kl_coef = static_cast<float>(kl_coef);
-  o.kl_estimator = static_cast<int>(kl_estimator);
-  o.entropy_coef = static_cast<float>(entropy_coef);
-  o.has_value_clip = value_clip.has_value();
-  o.value_clip = static_cast<float>(value_clip.value_or(0.0));
-  o.value_coef = static_cast<float>(value_coef);
-  o.loss_agg = static_cast<int>(loss_agg);
-  o.has_loss_agg_norm = loss_agg_norm.has_value();
-  o.loss_agg_norm = static_cast<float>(loss_agg_norm.value_or(0.0));
-  return o;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_forward(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
@@ -39,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
     OptD value_clip, double value_coef, int64_t loss_agg, OptD loss_agg_norm) {
   return rlfuse::ppo_loss_forward(
       logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, loss_weight,
-      ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
+      rlfuse_ppo_options_from_args(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
                   value_clip, value_coef, loss_agg, loss_agg_norm));
 }
 

@@ -16,6 +16,7 @@
 #endif
 
 #include "rlfuse_cuda.h"
+#include "../common/ppo_options_args.h"
 
 namespace {
 
@@ -174,27 +175,6 @@ std::tuple<Tensor, Tensor> gae(const Tensor& rewards, const Tensor& values, cons
 
 using OptDouble = std::optional<double>;
 
-// The one place where the flat PPOLossOptions.as_op_args() tuple becomes the C options struct.
-rlfuse_ppo_options ppo_options(double clip_eps, OptDouble clip_eps_high, OptDouble dual_clip, double kl_coef,
-                               int64_t kl_estimator, double entropy_coef, OptDouble value_clip, double value_coef,
-                               int64_t loss_agg, OptDouble loss_agg_norm) {
-  rlfuse_ppo_options o{};
-  o.clip_eps = static_cast<float>(clip_eps);
-  o.has_clip_eps_high = clip_eps_high.has_value();
-  o.clip_eps_high = static_cast<float>(clip_eps_high.value_or(0.0));
-  o.has_dual_clip = dual_clip.has_value();
-  o.dual_clip = static_cast<float>(dual_clip.value_or(0.0));
-  o.kl_coef = static_cast<float>(kl_coef);
-  o.kl_estimator = static_cast<int>(kl_estimator);
-  o.entropy_coef = static_cast<float>(entropy_coef);
-  o.has_value_clip = value_clip.has_value();
-  o.value_clip = static_cast<float>(value_clip.value_or(0.0));
-  o.value_coef = static_cast<float>(value_coef);
-  o.loss_agg = static_cast<int>(loss_agg);
-  o.has_loss_agg_norm = loss_agg_norm.has_value();
-  o.loss_agg_norm = static_cast<float>(loss_agg_norm.value_or(0.0));
-  return o;
-}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
@@ -227,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
   a.loss_weight = opt_ptr(loss_weight, logp, "loss_weight", n);
   TORCH_CHECK(a.values == nullptr || a.returns != nullptr, "rlfuse cuda: values need returns");
   a.n = n;
-  a.opts = ppo_options(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, value_clip,
+  a.opts = rlfuse_ppo_options_from_args(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, value_clip,
                        value_coef, loss_agg, loss_agg_norm);
 
   Tensor loss = at::empty({}, opts);
