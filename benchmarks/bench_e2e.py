@@ -19,11 +19,21 @@ What differs (stated in the results too):
   token. Same number of tokens per row, same forward work.
 * batch order: each engine draws its own prompt order (same prompt pool, same lengths).
 * rlfuse samples with its own exact sampler; TRL with ``model.generate`` (do_sample, top_k=0, top_p=1).
+* prefix sharing (same math, less work): rlfuse runs each distinct prompt once per forward
+  (``engine/prefix_share.py``: the G samples read its KV cache); TRL runs every row's prompt. With checkpointing on, both
+  checkpoint the layers over the completion tokens; rlfuse's prompt pass (one row per prompt)
+  is not checkpointed.
+* ``--rlfuse-no-grad-ckpt``: checkpointing off in rlfuse only (TRL keeps it on): rlfuse then trades
+  the recomputation for memory bounded by micro-batching.
+* micro-batches: rlfuse splits the update into ``ppo.micro_batch_size`` rows of whole prompt groups
+  per forward/backward (one optimizer step on the same gradient); TRL runs the whole batch.
+  ``--micro-batch N`` sets it (0: the whole minibatch).
 
 Reported per engine: median over steps (the first, warm-up step excluded) of the step time, split
 into "rollout" (generation + scoring: TRL's ``_generate_and_score_completions``, rlfuse's
-``rollout_time_s``) and "update" (the rest), and the peak RSS growth during training above the
-RSS once the model (with its LoRA) is loaded. Median over repeats of each.
+``rollout_time_s``) and "update" (the rest), the process CPU seconds per step (one thread: robust to
+other load on a shared machine, read it next to the wall time), and the peak RSS growth during
+training above the RSS once the model (with its LoRA) is loaded. Median over repeats of each.
 
     python benchmarks/bench_e2e.py                         # random 12M Llama, P=4 G=4 L=32
     python benchmarks/bench_e2e.py --model smollm2 --repeats 2
@@ -115,6 +125,12 @@ def peak_growth_mb(base: int) -> float:
 
 # ------------------------------------------------------------------------- the two engines
 
+def _median_step_cpu(marks: list[float]) -> float:
+    """Median CPU seconds per step from the CPU clock at start + each step's end (warm-up step excluded)."""
+    per_step = [b - a for a, b in zip(marks, marks[1:])]
+    return statistics.median(per_step[1:] if len(per_step) > 1 else per_step)
+
+
 def run_rlfuse(a) -> dict:
     import dataclasses
 
@@ -133,12 +149,14 @@ def run_rlfuse(a) -> dict:
                         sample_every=10_000,
                         model=ModelConfig(name_or_path=a.model_dir, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
                                           lora_target_modules="all-linear",
-                                          gradient_checkpointing=a.grad_ckpt),
+                                          gradient_checkpointing=a.grad_ckpt and a.rlfuse_grad_ckpt),
                         ppo=dataclasses.replace(PPOConfig(), prompts=str(prompts), advantage="grpo",
                                                 batch_size=a.P, n_samples=a.G, max_new_tokens=a.L,
                                                 ppo_epochs=1, minibatch_size=a.P * a.G, lr=LR, kl_coef=BETA,
                                                 kl_in_loss=True, kl_estimator="k3", loss_agg="token-mean",
-                                                temperature=1.0, max_steps=a.steps, max_prompt_length=256))
+                                                temperature=1.0, max_steps=a.steps, max_prompt_length=256,
+                                                **({} if a.micro_batch is None else
+                                                   {"micro_batch_size": a.micro_batch or None})))
         base = {}
         build = ppo.build_ppo_backbone
 
@@ -152,12 +170,15 @@ def run_rlfuse(a) -> dict:
         ppo.build_ppo_backbone = build_and_reset
         rows = []
         torch.manual_seed(0)
-        ppo.train_ppo(cfg, reward_fn=digit_reward, callbacks=[lambda stage, step, m: rows.append(dict(m))])
+        cpu = [time.process_time()]  # process CPU time at each step's end: robust to other load on the machine
+        ppo.train_ppo(cfg, reward_fn=digit_reward,
+                      callbacks=[lambda stage, step, m: rows.append(dict(m)) or cpu.append(time.process_time())])
         peak = max(0.0, metrics.process_peak_rss_mb() - base["rss"] / 2**20)
     steps = rows[1:] if len(rows) > 1 else rows
     return {"step_s": statistics.median(r["step_time_s"] for r in steps),
             "rollout_s": statistics.median(r["rollout_time_s"] for r in steps),
             "update_s": statistics.median(r["step_time_s"] - r["rollout_time_s"] for r in steps),
+            "step_cpu_s": _median_step_cpu(cpu),
             "peak_growth_mb": peak, "loaded_rss_mb": base["rss"] / 2**20,
             "response_length": statistics.median(r["response_length"] for r in steps)}
 
@@ -196,8 +217,16 @@ def run_trl(a) -> dict:
             return out
 
         trainer._generate_and_score_completions = timed
+        from transformers import TrainerCallback
+
+        class _StepCpu(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                cpu.append(time.process_time())
+
+        trainer.add_callback(_StepCpu())
         touch_weights(trainer.model)
         base = reset_peak()
+        cpu = [time.process_time()]
         trainer.train()
         peak = peak_growth_mb(base)
     step_times = [row["step_time"] for row in trainer.state.log_history if "step_time" in row]
@@ -206,7 +235,8 @@ def run_trl(a) -> dict:
     pairs = pairs[1:] if len(pairs) > 1 else pairs
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
     return {"step_s": statistics.median(s for s, _ in pairs), "rollout_s": statistics.median(r for _, r in pairs),
-            "update_s": statistics.median(s - r for s, r in pairs), "peak_growth_mb": peak,
+            "update_s": statistics.median(s - r for s, r in pairs), "step_cpu_s": _median_step_cpu(cpu),
+            "peak_growth_mb": peak,
             "loaded_rss_mb": base / 2**20, "response_length": statistics.median(lengths) if lengths else None}
 
 
@@ -216,6 +246,8 @@ def _spawn(a, engine: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--model-dir", a.model_dir,
            "--P", str(a.P), "--G", str(a.G), "--L", str(a.L), "--steps", str(a.steps), "--threads", str(a.threads)]
     cmd += [] if a.grad_ckpt else ["--no-grad-ckpt"]
+    cmd += [] if a.rlfuse_grad_ckpt else ["--rlfuse-no-grad-ckpt"]
+    cmd += [] if a.micro_batch is None else ["--micro-batch", str(a.micro_batch)]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -231,13 +263,15 @@ def run(a) -> dict:
             for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
                 runs[engine].append(_spawn(a, engine))
                 print(f"[bench_e2e] repeat {r + 1}/{a.repeats} {engine}: {runs[engine][-1]}", file=sys.stderr)
-    med = {e: {k: statistics.median(x[k] for x in runs[e]) for k in ("step_s", "rollout_s", "update_s",
+    med = {e: {k: statistics.median(x[k] for x in runs[e]) for k in ("step_s", "rollout_s", "update_s", "step_cpu_s",
                                                                         "peak_growth_mb", "loaded_rss_mb")}
            for e in ENGINES}
     return {"model": a.model, "P": a.P, "G": a.G, "L": a.L, "steps": a.steps, "repeats": a.repeats,
-            "gradient_checkpointing": a.grad_ckpt,
+            "gradient_checkpointing": a.grad_ckpt, "rlfuse_gradient_checkpointing": a.grad_ckpt and a.rlfuse_grad_ckpt,
+            "micro_batch": a.micro_batch,
             "threads": a.threads, "median": med, "runs": runs,
             "speedup_step": med["trl"]["step_s"] / med["rlfuse"]["step_s"],
+            "speedup_cpu": med["trl"]["step_cpu_s"] / med["rlfuse"]["step_cpu_s"],
             "memory_growth_ratio": med["rlfuse"]["peak_growth_mb"] / max(1e-9, med["trl"]["peak_growth_mb"]),
             "load_1min": os.getloadavg()[0], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -245,11 +279,14 @@ def run(a) -> dict:
 def write_results(res: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = "" if res["gradient_checkpointing"] else "-nockpt"
+    both = res.get("rlfuse_gradient_checkpointing", res["gradient_checkpointing"]) == res["gradient_checkpointing"]
+    ckpt += "" if both else "-rlfuse-nockpt"
+    ckpt_cell = ("on" if res["gradient_checkpointing"] else "off") if both else "TRL on, rlfuse off"
     (out / f"e2e-{res['model']}-P{res['P']}G{res['G']}L{res['L']}{ckpt}.json").write_text(json.dumps(res, indent=1) + "\n")
     t, r = res["median"]["trl"], res["median"]["rlfuse"]
-    line = (f"| {res['model']} | {res['P']}x{res['G']}x{res['L']} | {'on' if res['gradient_checkpointing'] else 'off'} | {t['step_s']:.2f} ({t['rollout_s']:.2f} + "
+    line = (f"| {res['model']} | {res['P']}x{res['G']}x{res['L']} | {ckpt_cell} | {t['step_s']:.2f} ({t['rollout_s']:.2f} + "
             f"{t['update_s']:.2f}) | {r['step_s']:.2f} ({r['rollout_s']:.2f} + {r['update_s']:.2f}) | "
-            f"**{res['speedup_step']:.2f}x** | {t['peak_growth_mb']:.0f} | {r['peak_growth_mb']:.0f} | "
+            f"**{res['speedup_step']:.2f}x** (CPU {res.get('speedup_cpu', float('nan')):.2f}x) | {t['peak_growth_mb']:.0f} | {r['peak_growth_mb']:.0f} | "
             f"**{res['memory_growth_ratio']:.2f}x** | {res['repeats']} | {res['load_1min']:.1f} | {res['measured_at']} |")
     md = out / "e2e.md"
     if not md.exists():
@@ -263,7 +300,8 @@ def write_results(res: dict, out: Path) -> str:
             "k3), one optimisation pass per step, token-mean loss. Differences: exactly L tokens are forced by "
             "min_new_tokens in TRL (EOS banned until L) and by turning EOS stopping off in rlfuse (EOS an ordinary "
             "token); each engine draws its own prompt order; samplers differ (rlfuse's exact sampler vs "
-            "model.generate).\n\n"
+            "model.generate); rlfuse shares each prompt's forward among its samples and micro-batches the update "
+            "(see the script's docstring). TRL/rlfuse: wall time (CPU time per step).\n\n"
             "| model | P x G x L | grad. ckpt | TRL step (rollout + update) | rlfuse step (rollout + update) | TRL/rlfuse | "
             "TRL mem | rlfuse mem | rlfuse/TRL mem | repeats | load | measured |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -283,6 +321,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="gradient checkpointing off in both (default on in both: TRL 1.16's GRPOConfig default)")
+    p.add_argument("--rlfuse-no-grad-ckpt", dest="rlfuse_grad_ckpt", action="store_false",
+                   help="gradient checkpointing off in rlfuse only (its micro-batched update bounds the memory)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="rlfuse's ppo.micro_batch_size (default: the engine's; 0: the whole minibatch)")
     p.add_argument("--out", default=str(HERE / "results" / "cpu-amd-epyc-2c"))
     p.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -300,7 +342,7 @@ def main(argv=None) -> int:
 
 def test_e2e_grpo_step_rlfuse_vs_trl(benchmark, tmp_path):
     """pytest-benchmark entry: one interleaved pair of fresh-process runs on the tiny model."""
-    a = argparse.Namespace(model="tiny", P=2, G=2, L=8, steps=2, repeats=1, threads=1, grad_ckpt=True)
+    a = argparse.Namespace(model="tiny", P=2, G=2, L=8, steps=2, repeats=1, threads=1, grad_ckpt=True, rlfuse_grad_ckpt=True, micro_batch=None)
     res = benchmark.pedantic(run, args=(a,), rounds=1, iterations=1)
     assert res["median"]["rlfuse"]["step_s"] > 0 and res["median"]["trl"]["step_s"] > 0
     write_results(res, tmp_path)

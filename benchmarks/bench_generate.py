@@ -6,6 +6,10 @@ cleared for ``generate``; the sampler gets no EOS ids), so neither side adds a m
 processor and both decode every step for every row. ``generate`` samples with
 ``do_sample=True, top_k=0, top_p=1.0`` (its config's other processors, if any, still run: that
 is its real cost); the sampler samples exactly softmax(logits / T) with per-row keys.
+What the sampler saves besides the sampling itself: its preallocated KV cache (no per-step
+concatenation) and its prefill, which runs identical rows (``--group``) and the prompts' common
+prefix of real tokens (here the chat template's 27-token system turn) once each; both engines
+decode every row through the same per-token matmuls.
 
 Each measurement runs in a fresh process (one untimed warm-up call of 2 tokens, then one timed
 call); the engines alternate and the order flips every repeat, so load on a shared machine hits

@@ -176,6 +176,14 @@ class Backbone:
                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
+    def completion_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 prompt_len: int) -> torch.Tensor:
+        """Hidden states [B, R, H] that predict the completion columns, each distinct prompt run
+        once (``prefix_share.py``): hidden_states(ids, attn)[:, P-1:-1] with the same math."""
+        from .prefix_share import completion_hidden_states
+
+        return completion_hidden_states(self.decoder, input_ids, attention_mask, prompt_len)
+
     def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                        entropy: bool = False):
         """log p(labels | hidden) through the fused LM head (never a [N, V] logits tensor)."""

@@ -48,6 +48,9 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 512
+    # examples per forward + backward; a step accumulates the gradient of its batch_size over
+    # them (the same gradient as one forward): bounds activation memory. None: the whole batch
+    micro_batch_size: int | None = 8
 
 
 @dataclass
@@ -62,6 +65,9 @@ class RMConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512
     eval_fraction: float = 0.1  # held-out share of the PROMPTS (their pairs share responses, so never split them)
+    # responses per forward + backward (whole rankings: a ranking's loss needs all its scores); a
+    # step accumulates the gradient of its batch over them, the same as one forward. None: one forward
+    micro_batch_size: int | None = 8
     regression_coef: float = 1.0  # weight of the MSE term on rated responses
     loss: str = "bradley-terry"  # bradley-terry (mean over a ranking's non-tied pairs) | plackett-luce
     init_from_sft: bool = True  # start the reward adapter from the SFT adapter when one exists
@@ -83,6 +89,7 @@ class PPOConfig:
     temperature: float = 1.0
     ppo_epochs: int = 2
     minibatch_size: int = 8  # sequences per gradient step
+    micro_batch_size: int | None = 4  # rows per forward/backward of a minibatch (whole prompt groups; bounds activation memory); null: all
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -325,11 +332,11 @@ _RULES = {
 }
 _CHECKS = {
     "positive_int": ["save_every", "keep_checkpoints", "sample_every", "model.lora_r",
-                     "sft.epochs", "sft.max_steps", "sft.batch_size", "sft.max_length",
-                     "rm.epochs", "rm.max_steps", "rm.batch_size", "rm.max_length",
+                     "sft.epochs", "sft.max_steps", "sft.batch_size", "sft.max_length", "sft.micro_batch_size",
+                     "rm.epochs", "rm.max_steps", "rm.batch_size", "rm.max_length", "rm.micro_batch_size",
                      "ppo.max_steps", "ppo.batch_size", "ppo.n_samples", "ppo.max_prompt_length",
                      "ppo.max_new_tokens", "ppo.ppo_epochs", "ppo.minibatch_size", "ppo.kl_horizon",
-                     "ppo.score_batch_size"],
+                     "ppo.score_batch_size", "ppo.micro_batch_size"],
     "positive": ["model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
                  "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.clip_eps_high", "ppo.temperature",
                  "ppo.target_kl"],

@@ -1,5 +1,6 @@
-"""Peak memory of one PPO step: ONE shared backbone vs the usual FOUR separate models
-(and ``release_memory``, which returns freed heap pages to the OS).
+"""Memory helpers: ``release_memory`` (returns freed heap pages to the OS), ``micro_batches``
+(bounds the rows of one training forward), and the peak memory of one PPO step with ONE
+shared backbone vs the usual FOUR separate models:
 
     shared    one base + LoRA adapters policy / sft / reward + value and reward heads
     separate  policy, reference, reward and value models, each a full copy of the base
@@ -40,6 +41,36 @@ def release_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+def micro_batches(sizes: list[int], max_rows: int | None, max_items: int | None = None) -> list[list[int]]:
+    """Consecutive groups of item indices, each holding at most ``max_rows`` rows (the sum of
+    ``sizes``) and ``max_items`` items: one forward (and backward) per group bounds the
+    activations a step keeps alive. An item larger than ``max_rows`` (a ranking of many
+    responses, whose loss needs all of its scores together) forms a group of its own.
+    ``None``: no bound. No items: no groups."""
+    groups: list[list[int]] = []
+    rows = 0
+    for i, n in enumerate(sizes):
+        if (not groups or (max_rows is not None and rows + n > max_rows)
+                or (max_items is not None and len(groups[-1]) >= max_items)):
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += n
+    return groups
+
+
+def same_count_on_every_rank(groups: list[list[int]], backbone) -> list[list[int]]:
+    """Under FSDP2 every rank must run as many forwards and backwards (each is a collective):
+    pad with empty groups, which a stage runs as a stand-in row weighted 0, up to the largest
+    count of any rank. Without FSDP the groups are returned as they are."""
+    from . import distributed as D
+
+    if not D.fsdp_units(backbone):
+        return groups
+    most = max(D.gather_objects(len(groups)))
+    return groups + [[] for _ in range(most - len(groups))]
 
 
 def _rss_bytes() -> int:

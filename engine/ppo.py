@@ -6,7 +6,7 @@
                    with ppo.critic=adapter), reference log-probs, reward
         reward   : normalised (reward_norm), missing-EOS penalty, clipped (reward_scale.py)
         advantages: gae | grpo | rloo, with the KL penalty in the reward (k1) or in the loss
-        for ppo_epochs: for minibatch: K.ppo_loss(...) -> backward -> step
+        for ppo_epochs: for minibatch: for micro-batch: K.ppo_loss(...) -> backward; step
         KL coefficient: fixed, or Ziegler's adaptive controller towards target_kl
 
 The policy adapter starts as a copy of the SFT adapter (or as the zero LoRA update when
@@ -226,7 +226,7 @@ def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, t
 def critic_values(backbone, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
     """Values [B, R] from the ``value`` adapter's own forward (critic=adapter)."""
     with backbone.use(VALUE):
-        hidden = backbone.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]
+        hidden = backbone.completion_hidden_states(input_ids, attention_mask, prompt_len)
     return backbone.value_head(hidden)
 
 
@@ -241,13 +241,45 @@ def score_critic(backbone, ro, batch_size: int = 32) -> None:
     ro.values = torch.cat(vals) * ro.response_mask
 
 
+def _agg_weight(mask: torch.Tensor, loss_agg: str) -> float:
+    """Rows' part of the loss normaliser: valid tokens (token-mean), else rows with a token."""
+    return (mask.sum() if loss_agg == "token-mean" else (mask.sum(1) > 0).sum()).item()
+
+
+def micro_batches(idx: torch.Tensor, group_size: int, size: int | None) -> list[torch.Tensor]:
+    """Rows ``idx`` of a minibatch cut into micro-batches of at most ``size`` rows (None: one),
+    keeping the ``group_size`` samples of a prompt (rollout rows k*G .. k*G+G-1) together, so
+    each micro-batch's forward still runs its prompts once (a group larger than ``size`` is cut)."""
+    if size is None or size >= len(idx):
+        return [idx]
+    idx = idx.sort().values
+    _, counts = torch.unique_consecutive(idx // max(1, group_size), return_counts=True)
+    out, current, n = [], [], 0
+    for group in idx.split(counts.tolist()):
+        for piece in group.split(size):
+            if n and n + len(piece) > size:
+                out.append(torch.cat(current))
+                current, n = [], 0
+            current.append(piece)
+            n += len(piece)
+    out.append(torch.cat(current))
+    return out
+
+
 def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_coef: float, *,
                policy_frozen: bool = False, on_minibatch=None, check_update=None, shuffle_seed: int = 0) -> dict:
     """ppo_epochs passes of shuffled minibatches through K.ppo_loss; mean of the stats.
 
+    Each minibatch's forward and backward run in micro-batches of ``c.micro_batch_size`` rows
+    (whole prompt groups), each loss scaled by its share of the minibatch normaliser: one
+    optimizer step on the same gradient, with the activations of one micro-batch at a time.
+
     ``policy_frozen`` (critic warm-up): the policy adapter's gradients are dropped, so only
     the critic moves. ``on_minibatch(epoch, index, stats)`` sees each minibatch's stats."""
     c = resolve_loss_options(c)
+    if c.micro_batch_size is not None and not (isinstance(c.micro_batch_size, int) and c.micro_batch_size >= 1):
+        raise ValueError(f"ppo.micro_batch_size must be a positive integer (or null: the whole minibatch), "
+                         f"got {c.micro_batch_size!r}")
     critic = returns is not None
     own_critic = critic and c.critic == "adapter"
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -275,8 +307,8 @@ def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_co
         for i, global_idx in enumerate(torch.randperm(n_global, generator=g).split(max(1, c.minibatch_size))):
             idx = (global_idx[(global_idx >= first) & (global_idx < first + len(ro))] - first).to(ro.input_ids.device)
             # this rank's share of the minibatch's loss normaliser (tokens, or rows for the seq-mean modes)
-            weight = (ro.response_mask[idx].sum() if c.loss_agg == "token-mean"
-                      else (ro.response_mask[idx].sum(1) > 0).sum()).item()
+            weight = _agg_weight(ro.response_mask[idx], c.loss_agg)
+            tokens = ro.response_mask[idx].sum().item()
             share = weight / D.global_count(weight) if w.distributed else 1.0
             optimizer.zero_grad(set_to_none=True)
             # a rank with no rows in this minibatch still joins every collective below; under FSDP2
@@ -285,26 +317,42 @@ def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_co
             if not contributes and D.fsdp_units(backbone):
                 idx, share = torch.zeros(1, dtype=torch.long, device=ro.input_ids.device), 0.0
             loss, stats = torch.zeros(()), {}
-            if len(idx):
+            micros = micro_batches(idx, c.n_samples, c.micro_batch_size) if len(idx) else []
+            for m_idx in micros:
+                # this micro-batch's part of the minibatch normaliser: the scaled losses sum to the
+                # minibatch loss, so the summed gradients are the one-big-batch gradient
+                m_share = _agg_weight(ro.response_mask[m_idx], c.loss_agg) / weight if weight else 1.0 / len(micros)
+                m_tokens = ro.response_mask[m_idx].sum().item()
                 with backbone.use(POLICY):
-                    logp, entropy, values = policy_outputs(backbone, ro.input_ids[idx], ro.attention_mask[idx],
+                    logp, entropy, values = policy_outputs(backbone, ro.input_ids[m_idx], ro.attention_mask[m_idx],
                                                            ro.prompt_len, temperature=c.temperature,
                                                            with_values=critic and not own_critic)
                 if own_critic:  # one more forward (and backward) through the value adapter
-                    values = critic_values(backbone, ro.input_ids[idx], ro.attention_mask[idx], ro.prompt_len)
+                    values = critic_values(backbone, ro.input_ids[m_idx], ro.attention_mask[m_idx], ro.prompt_len)
                 if reuse_forward:
-                    mask = ro.response_mask[idx]
-                    ro.logp, ro.entropy = torch.empty_like(logp), torch.empty_like(logp)
-                    ro.logp[idx], ro.entropy[idx] = logp.detach() * mask, entropy.detach() * mask
-                loss, stats = K.ppo_loss(
-                    logp, ro.logp[idx], advantages[idx], ro.response_mask[idx],
+                    if ro.logp is None:
+                        ro.logp, ro.entropy = torch.zeros_like(ro.response_mask), torch.zeros_like(ro.response_mask)
+                    mask = ro.response_mask[m_idx]
+                    ro.logp[m_idx], ro.entropy[m_idx] = logp.detach() * mask, entropy.detach() * mask
+                m_loss, m_stats = K.ppo_loss(
+                    logp, ro.logp[m_idx], advantages[m_idx], ro.response_mask[m_idx],
                     clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                    ref_logp=ro.ref_logp[idx], kl_coef=kl_coef if c.kl_in_loss else 0.0,
+                    ref_logp=ro.ref_logp[m_idx], kl_coef=kl_coef if c.kl_in_loss else 0.0,
                     kl_estimator=c.kl_estimator, entropy=entropy if c.entropy_coef > 0 else entropy.detach(),
-                    entropy_coef=c.entropy_coef, values=values, old_values=ro.values[idx] if critic else None,
-                    returns=returns[idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
+                    entropy_coef=c.entropy_coef, values=values, old_values=ro.values[m_idx] if critic else None,
+                    returns=returns[m_idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
                     **agg)
-                (loss * share if w.distributed else loss).backward()
+                (m_loss * (m_share * share if w.distributed else m_share)).backward()
+                del logp, entropy, values  # free this micro-batch's graph outputs before the next forward
+                loss = loss + m_loss.detach() * m_share
+                if len(micros) == 1:
+                    stats = m_stats
+                else:  # the stats are token means: weight by this micro-batch's share of the tokens
+                    t_share = m_tokens / tokens if tokens else 1.0 / len(micros)
+                    for k, v in m_stats.items():
+                        stats[k] = stats.get(k, 0.0) + v.detach() * t_share
+            if len(micros) > 1:
+                stats["loss"] = loss
             D.reduce_gradients(params)  # sum over ranks of share * local loss = the global minibatch loss
             for p in policy_params:  # AdamW skips a parameter without a gradient: the policy stays put
                 p.grad = None

@@ -11,7 +11,13 @@ each response goes through the model once; a step's batch is ``rm.batch_size`` p
                               Ties follow Breslow: every member of a tied group is chosen
                               from the same remaining set (its tied partners included).
 For K=2 without a tie both losses are -log sigmoid(r_1 - r_2). Rated responses add
-regression_coef * (r(response) - score)^2. Every sequence of a step goes through ONE forward.
+regression_coef * (r(response) - score)^2.
+
+Memory: a step's responses go through the model in micro-batches of whole rankings (then
+ratings), at most ``rm.micro_batch_size`` responses each (a larger ranking goes alone), one
+forward + backward per micro-batch. A micro-batch's loss is its mean weighted by its share of
+the step's rankings (ratings), so the accumulated gradient is exactly the whole batch's; the
+held-out evaluation scores in the same chunks without a graph.
 
 The held-out share is split by PROMPT, never by pair: the pairs of one prompt share
 responses, so splitting them would leak. The held-out metric is pairwise accuracy over the
@@ -34,6 +40,7 @@ from .checkpoint import latest_checkpoint, load_safetensors, resolve_checkpoint
 from . import distributed as D
 from .config import RunConfig
 from .data import Ranking, epoch_batches, load_rankings, pad, steps_per_epoch
+from .memory import micro_batches, same_count_on_every_rank
 from .metrics import peak_memory_mb, reset_peak_memory
 from .optim import make_optimizer
 from .stage import Stage
@@ -81,7 +88,8 @@ def ranking_loss(kind: str, scores: list[torch.Tensor], ranks: list[list[int]]) 
 
 
 def score_rankings(backbone, rankings: list[Ranking]) -> list[torch.Tensor]:
-    """Reward scores of every response of ``rankings``: ONE forward, each response once."""
+    """Reward scores of every response of ``rankings``: ONE forward, each response once
+    (callers bound its size with ``micro_batches``)."""
     seqs = [ids for r in rankings for ids in r.response_ids]
     ids, attn = pad(seqs, backbone.tokenizer.pad_token_id, device=backbone.device)
     return list(torch.split(backbone.reward_scores(ids, attn), [len(r.response_ids) for r in rankings]))
@@ -99,13 +107,14 @@ def pair_wins(scores: list[torch.Tensor], rankings: list[Ranking]) -> tuple[floa
 
 
 @torch.no_grad()
-def pairwise_accuracy(backbone, rankings: list[Ranking], batch_size: int) -> float:
-    """Share of the non-tied pairs whose better response outscores the worse one (ties half)."""
+def pairwise_accuracy(backbone, rankings: list[Ranking], batch_size: int, max_rows: int | None = None) -> float:
+    """Share of the non-tied pairs whose better response outscores the worse one (ties half),
+    scoring ``batch_size`` rankings and at most ``max_rows`` responses per forward."""
     was_training = backbone.model.training
     backbone.train(False)
     wins, n = 0.0, 0
-    for i in range(0, len(rankings), batch_size):
-        chunk = rankings[i: i + batch_size]
+    for group in micro_batches([len(r.response_ids) for r in rankings], max_rows, max_items=batch_size):
+        chunk = [rankings[i] for i in group]
         w, k = pair_wins(score_rankings(backbone, chunk), chunk)
         wins, n = wins + w, n + k
     backbone.train(was_training)
@@ -169,8 +178,14 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
     if start >= total:
         return stage.finished_summary()
 
+    evaluated: dict[int, dict] = {}  # by step: the last step's checkpoint evaluation is also the final one
+
     def evaluate() -> dict:
-        return {"eval_accuracy": pairwise_accuracy(backbone, eval_set, c.batch_size)} if eval_set else {}
+        if stage.step_done not in evaluated:
+            evaluated.clear()
+            evaluated[stage.step_done] = {"eval_accuracy": pairwise_accuracy(
+                backbone, eval_set, c.batch_size, c.micro_batch_size)} if eval_set else {}
+        return evaluated[stage.step_done]
 
     loss_key = {"bradley-terry": "bt_loss", "plackett-luce": "pl_loss"}[c.loss]
     backbone.train()
@@ -186,41 +201,54 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
             if ratings else []
         share_ranked, share_rated = (len(batch) / max(1.0, D.global_count(len(batch))),
                                      len(rated) / max(1.0, D.global_count(len(rated))))
-        seqs = [ids for r in batch for ids in r.response_ids] + [r.input_ids for r in rated]
-        loss = torch.zeros((), device=stage.device)
-        metrics = {}
-        stand_in = not seqs and bool(D.fsdp_units(backbone))  # FSDP2 needs this rank's forward+backward too
-        rows = seqs or ([train_set[0].response_ids[0] if train_set else ratings[0].input_ids]
-                        if stand_in else [])
-        ids, attn = pad(rows, tok.pad_token_id, device=stage.device) if rows else (None, None)
-        scores = backbone.reward_scores(ids, attn) if rows else None  # a rank may get an empty block
-        if stand_in:
-            loss = loss + scores.sum() * 0.0
-        n_ranked = len(seqs) - len(rated)
+        optimizer.zero_grad(set_to_none=True)
+        # one forward + backward per micro-batch of whole rankings (then ratings), at most
+        # rm.micro_batch_size responses each: a micro-batch's loss is its mean times its share of
+        # the batch, so the gradients add up to the whole batch's. Under FSDP2 every rank runs as
+        # many passes (collectives); a rank short of data runs stand-ins weighted 0
+        items = [len(r.response_ids) for r in batch] + [1] * len(rated)
+        groups = same_count_on_every_rank(micro_batches(items, c.micro_batch_size), backbone)
+        loss, rl, mse, n_tok, scored = 0.0, 0.0, 0.0, 0, []
+        for group in groups:
+            g_rank = [batch[i] for i in group if i < len(batch)]
+            g_rate = [rated[i - len(batch)] for i in group if i >= len(batch)]
+            seqs = [ids for r in g_rank for ids in r.response_ids] + [r.input_ids for r in g_rate]
+            rows = seqs or [train_set[0].response_ids[0] if train_set else ratings[0].input_ids]
+            ids, attn = pad(rows, tok.pad_token_id, device=stage.device)
+            scores = backbone.reward_scores(ids, attn)
+            part = scores.sum() * 0.0 if not seqs else scores.new_zeros(())
+            n_ranked = len(seqs) - len(g_rate)
+            if g_rank:
+                per_prompt = list(torch.split(scores[:n_ranked], [len(r.response_ids) for r in g_rank]))
+                weight = len(g_rank) / len(batch)  # the batch loss is a mean over its rankings
+                g_rl = ranking_loss(c.loss, per_prompt, [r.ranks for r in g_rank])
+                part = part + g_rl * (weight * share_ranked)
+                rl += g_rl.item() * weight
+                scored += [s.detach() for s in per_prompt]
+            if g_rate:
+                target = torch.tensor([r.score for r in g_rate], device=scores.device)
+                weight = len(g_rate) / len(rated)
+                g_mse = F.mse_loss(scores[n_ranked:], target)
+                part = part + c.regression_coef * g_mse * (weight * share_rated)
+                mse += g_mse.item() * weight
+            part.backward()  # frees this micro-batch's graph before the next forward
+            loss += part.item()
+            n_tok += int(attn.sum()) if seqs else 0  # a stand-in row is not counted
+        metrics = {"micro_batches": len(groups)}
         if batch:
-            per_prompt = list(torch.split(scores[:n_ranked], [len(r.response_ids) for r in batch]))
-            rl = ranking_loss(c.loss, per_prompt, [r.ranks for r in batch])
-            loss = loss + rl * share_ranked
-            detached = [s.detach() for s in per_prompt]
-            wins, n_pairs = pair_wins(detached, batch)
-            margins = [float(s[i] - s[j]) for s, r in zip(detached, batch) for i, j in ranking_pairs(r.ranks)]
-            metrics.update({loss_key: rl.item(), "train_accuracy": wins / n_pairs,
+            wins, n_pairs = pair_wins(scored, batch)
+            margins = [float(s[i] - s[j]) for s, r in zip(scored, batch) for i, j in ranking_pairs(r.ranks)]
+            metrics.update({loss_key: rl, "train_accuracy": wins / n_pairs,
                             "margin": sum(margins) / len(margins), "pairs": n_pairs})
         if rated:
-            mse = F.mse_loss(scores[n_ranked:], torch.tensor([r.score for r in rated], device=scores.device))
-            loss = loss + c.regression_coef * mse * share_rated
-            metrics["rating_mse"] = mse.item()
-        optimizer.zero_grad(set_to_none=True)
-        if rows:
-            loss.backward()
+            metrics["rating_mse"] = mse
         D.reduce_gradients(params)
         grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
         if stage.check_update(loss, grad_norm):  # a NaN/inf stops the run (or is skipped) before it lands
             optimizer.step()
 
         dt = time.perf_counter() - t0
-        n_tok = int(attn.sum()) if seqs else 0  # a stand-in row is not counted
-        metrics.update(loss=D.global_count(loss.item()) if stage.world.distributed else loss.item(),
+        metrics.update(loss=D.global_count(loss) if stage.world.distributed else loss,
                        grad_norm=float(grad_norm), tokens_per_s=D.global_count(n_tok) / dt,
                        step_time_s=dt, peak_mem_mb=peak_memory_mb(stage.device))
         if stage.world.distributed:  # the other means over the global batch (loss is already global)

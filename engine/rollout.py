@@ -7,7 +7,8 @@ Layout of a rollout batch (P = longest prompt, R = longest completion):
 
 Since every completion starts at column P, hidden[:, P-1 : P+R-1] is exactly the set of
 states that predicted completion tokens: log-probs, entropies and values all live on this
-[B, R] grid. Scoring is one no-grad forward per role:
+[B, R] grid (``backbone.completion_hidden_states``: the samples of one prompt share one
+pass over it, see ``prefix_share.py``). Scoring is one no-grad forward per role:
 
     policy    ("policy" adapter)        -> log-probs, entropy, values (value head), one pass
     reference (``sft`` or bare base)    -> log-probs
@@ -93,8 +94,9 @@ def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max
 
 def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temperature: float,
                    with_values: bool):
-    """ONE forward of the active adapter -> (logp, entropy, values or None), each [B, R]."""
-    hidden = backbone.hidden_states(input_ids, attention_mask)[:, prompt_len - 1: -1]
+    """ONE forward of the active adapter -> (logp, entropy, values or None), each [B, R]; each
+    distinct prompt is run once (``prefix_share.py``)."""
+    hidden = backbone.completion_hidden_states(input_ids, attention_mask, prompt_len)
     logp, entropy = backbone.token_logprobs(hidden, input_ids[:, prompt_len:], temperature=temperature,
                                             entropy=True)
     values = backbone.value_head(hidden) if with_values else None
@@ -123,7 +125,7 @@ def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn:
             if val is not None:
                 vals.append(val)
         with backbone.use(backbone.reference_adapter):
-            ref = backbone.token_logprobs(backbone.hidden_states(ids, attn)[:, P - 1: -1], ids[:, P:],
+            ref = backbone.token_logprobs(backbone.completion_hidden_states(ids, attn, P), ids[:, P:],
                                           temperature=temperature)
         refs.append(ref)
         if reward_fn is None:

@@ -8,14 +8,17 @@ trains off-policy without a warning. This loop never reads the generation_config
     prefill   one decoder pass over the left-padded prompts (positions count real tokens
               only, like ``position_ids_from_mask``, so sampling and scoring see the same
               positions and the same log-probs); identical rows (the samples of one prompt)
-              are prefilled once and share the result
-    decode    one token per step through the KV cache; the LM head runs on the last hidden
-              state only; rows that produced an EOS leave the batch and the cache, so a
-              finished row costs nothing more; the loop ends when every row has finished
+              are prefilled once and share the result, and so is a prefix of real tokens
+              common to every prompt (the chat template's system turn)
+    decode    one token per step through a preallocated KV cache (written in place, no
+              per-step concatenation); the LM head runs on the last hidden state only; rows
+              that produced an EOS leave the batch and the cache, so a finished row costs
+              nothing more; the loop ends when every row has finished
 
 Reproducible: each row draws its randomness from its own key (seed, iteration, prompt index,
 sample index): one uniform per step from a generator seeded by a hash of the key, turned into
-a token by inverse-CDF sampling (float64 cumulative sum of the float32 probabilities). A
+a token by inverse-CDF sampling (float64 cumulative sum of the probabilities; ``token_pick``:
+a C++ row kernel on CPU, the same draw in torch elsewhere). A
 completion therefore does not depend on batch size, batch composition, padding or the number
 of processes (up to float rounding of the logits themselves).
 
@@ -27,12 +30,15 @@ dynamic in its batch and cache length (no recompilation per step).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .token_pick import pick_tokens
 
 
 @dataclass
@@ -72,21 +78,7 @@ def final_logits(hidden: torch.Tensor, lm_head, config, temperature: float) -> t
         z = z * opts["logit_scale"]
     if opts["softcap"] is not None:
         z = opts["softcap"] * torch.tanh(z / opts["softcap"])
-    return z / temperature
-
-
-def pick_tokens(z: torch.Tensor, u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, their log-probs) from logits/T ``z`` [B, V]: inverse-CDF with uniforms ``u`` [B],
-    or argmax when ``u`` is None (greedy)."""
-    logp = torch.log_softmax(z, -1)
-    if u is None:
-        tokens = z.argmax(-1)
-    else:
-        cdf = logp.double().exp().cumsum(-1)
-        # right=True: a zero-probability token (a zero-width CDF step) can never be chosen
-        tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-        tokens = tokens.clamp_(max=z.shape[-1] - 1)
-    return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return z if temperature == 1.0 else z / temperature  # z / 1 would be a [B, V] copy for nothing
 
 
 def check_request(input_ids, attention_mask, *, max_new_tokens: int, temperature: float, greedy: bool,
@@ -115,6 +107,63 @@ def check_request(input_ids, attention_mask, *, max_new_tokens: int, temperature
 def cache_kwarg(decoder) -> str:
     """transformers >= 5.2x names the KV cache argument ``cache`` (``past_key_values`` is deprecated)."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)  # one class: transformers is imported lazily
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A full-attention KV layer with its [rows, heads, capacity, dim] buffers allocated once
+        (at the prefill) and written in place each step: ``keys``/``values`` are views of the
+        filled columns. A DynamicLayer otherwise (mask sizes, seq length), so the model builds
+        the same masks as with the growing cache; no per-step concatenation."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = int(capacity), 0
+            self._k = self._v = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            if self._k is None:
+                b, h, _, d = key_states.shape
+                self._k = key_states.new_empty(b, h, self.capacity, d)
+                self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            end = self.length + n
+            if end > self.capacity:
+                raise RuntimeError(f"sampler: KV cache capacity {self.capacity} exceeded ({end} columns)")
+            self._k[:, :, self.length:end].copy_(key_states)
+            self._v[:, :, self.length:end].copy_(value_states)
+            self.length = end
+            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            # rows leave (or a shared prefill expands): one index_select of the buffers, rare
+            if self._k is not None:
+                self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(config, capacity: int):
+    """A transformers DynamicCache whose full-attention layers are preallocated for ``capacity``
+    columns (prompt + new tokens); other layer kinds (sliding window, linear attention) keep
+    their own implementation."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    layer_cls = _preallocated_layer_class()
+    cache.layers = [layer_cls(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 class _DecodeStep:
@@ -151,6 +200,62 @@ class _DecodeStep:
         return self._eager(ids, attention_mask, position_ids, cache)
 
 
+def common_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Length of the longest run of real tokens that starts every row of left-padded ``ids``
+    (0 unless every mask row is 0...0 1...1), capped so each row keeps >= 1 token after it."""
+    if ids.shape[0] < 2 or not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return 0
+    lengths = mask.sum(1)
+    shortest, P = int(lengths.min()), ids.shape[1]
+    cols = (P - lengths).unsqueeze(1) + torch.arange(shortest - 1, device=ids.device)  # the first real tokens
+    same = (ids.gather(1, cols) == ids[:1].gather(1, cols[:1])).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tokens: int):
+    """(cache, logits [B, V] of each row's next token, the cache's column mask [B, P']).
+
+    The whole prompt goes through the decoder once, the LM head on its last position only.
+    Rows that repeat a prompt (GRPO's G samples of one prompt) are prefilled ONCE, then the
+    cache is expanded to every row. A prefix of real tokens common to every prompt (the chat
+    template's system turn) is computed once too: its keys/values at positions 0..c-1 are the
+    same for every row (causal attention), so the cache holds [prefix c | left-padded suffixes
+    | new tokens] and each row's suffix attends to the shared prefix, the same keys and
+    positions as a plain prefill (up to float rounding of the smaller matmuls)."""
+    B, P = input_ids.shape
+    kw = cache_kwarg(decoder)
+    unique, inverse = torch.unique(torch.cat([input_ids, mask], 1), dim=0, return_inverse=True)
+    shared = unique.shape[0] < B
+    u_ids, u_mask = (unique[:, :P], unique[:, P:]) if shared else (input_ids, mask)
+    c = common_prefix_len(u_ids, u_mask)
+    if c < _MIN_SHARED_PREFIX:
+        cache = preallocated_cache(config, P + max_new_tokens)
+        out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True, **{kw: cache})
+    else:
+        U, lengths = u_ids.shape[0], u_mask.sum(1)
+        S = int(lengths.max()) - c  # the longest suffix
+        cache = preallocated_cache(config, c + S + max_new_tokens)
+        start = P - int(lengths[0])
+        prefix = u_ids[:1, start:start + c]
+        decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
+                position_ids=torch.arange(c, device=prefix.device).unsqueeze(0), **{kw: cache})
+        cache.batch_select_indices(torch.zeros(U, dtype=torch.long, device=prefix.device))
+        suffix_mask = (torch.arange(S, device=u_mask.device) >= (S - (lengths - c)).unsqueeze(1)).long()
+        u_mask = torch.cat([u_mask.new_ones(U, c), suffix_mask], 1)
+        out = decoder(input_ids=u_ids[:, P - S:], attention_mask=u_mask, use_cache=True,
+                      position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0)[:, c:], **{kw: cache})
+    z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)  # / T inside pick_tokens
+    del out  # the prompt's hidden states: only the cache is needed from here
+    if shared:
+        cache.batch_select_indices(inverse)
+        z, u_mask = z[inverse], u_mask[inverse]
+    return cache, z, u_mask
+
+
+_MIN_SHARED_PREFIX = 4  # tokens: below this a separate prefix pass saves less than it costs
+
+
 @torch.no_grad()
 def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                   max_new_tokens: int, eos_token_ids, pad_token_id: int, temperature: float = 1.0,
@@ -165,8 +270,6 @@ def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_m
                   max_positions=getattr(text_config, "max_position_embeddings", None))
     if not greedy and row_keys is None:
         raise ValueError("sampler: row_keys are required for sampling (one tuple of ints per row)")
-    from transformers import DynamicCache
-
     B, device = input_ids.shape[0], input_ids.device
     temperature = 1.0 if greedy else float(temperature)
     uniforms = None if greedy else row_uniforms(row_keys, max_new_tokens, device)
@@ -175,27 +278,18 @@ def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_m
     logprobs = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # prefill: the whole prompt, the LM head on its last position only. Rows that repeat a prompt
-    # (GRPO's G samples of one prompt) are prefilled ONCE, then the cache is expanded to every row.
     mask = attention_mask.long()
-    unique, inverse = torch.unique(torch.cat([input_ids, mask], 1), dim=0, return_inverse=True)
-    shared = unique.shape[0] < B
-    u_ids, u_mask = (unique[:, :input_ids.shape[1]], unique[:, input_ids.shape[1]:]) if shared else (input_ids, mask)
-    cache = DynamicCache(config=config)
-    out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
-                  use_cache=True, **{cache_kwarg(decoder): cache})
-    z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, temperature)
-    del out  # the prompt's hidden states: only the cache is needed from here
-    if shared:
-        cache.batch_select_indices(inverse)
-        z = z[inverse]
+    cache, z, mask = _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tokens)
     next_pos = mask.sum(1, keepdim=True)  # the position of each row's next token
     active = torch.arange(B, device=device)  # original row of each row still decoding
-    step_fn = _DecodeStep(decoder, lm_head, text_config, temperature, compile)
+    step_fn = _DecodeStep(decoder, lm_head, text_config, 1.0, compile)
+    # the mask of every column the loop will reach, sliced per step (no per-step concatenation)
+    P = mask.shape[1]  # the prefill's columns (<= the prompts' when a common prefix was shared)
+    mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)
     forward_rows, n_steps = 0, 0
     for t in range(max_new_tokens):
         n_steps = t + 1
-        tok, lp = pick_tokens(z, None if greedy else uniforms[active, t])
+        tok, lp = pick_tokens(z, None if greedy else uniforms[active, t], temperature)
         tokens[active, t], logprobs[active, t] = tok, lp
         done = torch.isin(tok, eos)
         if done.any():
@@ -208,8 +302,7 @@ def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_m
             active, tok, mask, next_pos = active[keep], tok[keep], mask[keep], next_pos[keep]
         if t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        z = step_fn(tok.unsqueeze(-1), mask, next_pos, cache)
+        z = step_fn(tok.unsqueeze(-1), mask[:, :P + t + 1], next_pos, cache)
         next_pos = next_pos + 1
         forward_rows += tok.shape[0]
     return SampleOutput(tokens[:, :n_steps], logprobs[:, :n_steps], finished, forward_rows)

@@ -2,6 +2,7 @@
 
     for each batch:  hidden = backbone(ids) with the "sft" adapter
                      loss = -mean(log p(response token | prefix))   via K.linear_logprobs
+                     (over micro-batches of ``sft.micro_batch_size`` examples, gradients summed)
 The adapter it saves becomes PPO's frozen reference and the policy's starting point.
 """
 
@@ -15,6 +16,7 @@ from .backbone import load_backbone, load_tokenizer
 from . import distributed as D
 from .config import RunConfig
 from .data import epoch_batches, load_sft_dataset, pad, steps_per_epoch
+from .memory import micro_batches, same_count_on_every_rank
 from .metrics import peak_memory_mb, reset_peak_memory
 from .optim import make_optimizer
 from .stage import Stage
@@ -50,42 +52,43 @@ def train_sft(cfg: RunConfig, *, callbacks=()) -> dict:
         return stage.finished_summary()
 
     backbone.train()
-    loss = torch.tensor(float("nan"))  # what a zero-step run reports
+    params = backbone.adapter_parameters(ADAPTER)
+    loss = float("nan")  # what a zero-step run reports
     for step in stage.progress(start, total):
         t0 = time.perf_counter()
         reset_peak_memory(stage.device)
         # c.batch_size is global: each data-parallel rank takes its block of the step's batch
         batch = [examples[i] for i in D.shard(epoch_batches(len(examples), c.batch_size, cfg.seed, step))]
-        # a rank whose block of a short last batch is empty still joins the reductions; under FSDP2 it
-        # must also run forward and backward (their collectives), on a stand-in example weighted 0
-        stand_in = not batch and bool(D.fsdp_units(backbone))
-        rows = batch or ([examples[0]] if stand_in else [])
+        # one forward + backward per micro-batch of c.micro_batch_size examples, each loss its
+        # log-likelihood sum over the STEP's token count: the gradients add up to the batch mean's.
+        # Under FSDP2 every rank runs as many passes (collectives): a rank short of examples (an
+        # empty block of a short last batch) runs stand-ins weighted 0
+        groups = same_count_on_every_rank(micro_batches([1] * len(batch), c.micro_batch_size), backbone)
+        n_local = sum(sum(e.loss_mask[1:]) for e in batch)  # hidden[t] predicts token t+1
+        n_total = D.global_count(n_local) if D.world().distributed else n_local
         optimizer.zero_grad(set_to_none=True)
-        if rows:
+        loss, n_real = 0.0, 0
+        for group in groups:
+            rows = [batch[i] for i in group] or [examples[0]]
             ids, attn = pad([e.input_ids for e in rows], tok.pad_token_id, device=stage.device)
             loss_mask, _ = pad([e.loss_mask for e in rows], 0, device=stage.device)
-        else:
-            ids = attn = loss_mask = torch.zeros((0, 1), dtype=torch.long, device=stage.device)
-        n_local = 0 if stand_in else int(loss_mask[:, 1:].sum())
-        n_global = D.global_count(n_local) if D.world().distributed else None
-        if rows:
             with backbone.use(ADAPTER):
-                loss, n_tokens = sft_loss(backbone, ids, attn, loss_mask, n_global)
-            if stand_in:
-                loss, n_tokens = loss * 0.0, 0
-            loss.backward()
-        else:
-            loss, n_tokens = torch.zeros((), device=stage.device), 0
-        D.reduce_gradients(backbone.adapter_parameters(ADAPTER))  # sum of local_sum/global_count
-        if n_global is not None:  # log the global mean, as one process would
-            loss = loss.new_tensor(D.global_count(loss.item()))
-        grad_norm = D.clip_grad_norm_(backbone.adapter_parameters(ADAPTER), c.max_grad_norm)
+                part, _ = sft_loss(backbone, ids, attn, loss_mask, n_total)
+            if not group:
+                part = part * 0.0
+            part.backward()  # frees this micro-batch's graph before the next forward
+            loss += part.item()
+            n_real += int(attn.sum()) if group else 0
+        D.reduce_gradients(params)  # sum of local_sum/global_count
+        if D.world().distributed:  # log the global mean, as one process would
+            loss = D.global_count(loss)
+        grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
         if stage.check_update(loss, grad_norm):  # a NaN/inf stops the run (or is skipped) before it lands
             optimizer.step()
 
         dt = time.perf_counter() - t0
         stage.end_step(step + 1, total, {
-            "loss": loss.item(), "grad_norm": float(grad_norm), "tokens": int(n_global) if n_global is not None else n_tokens,
-            "tokens_per_s": int(attn.sum()) / dt, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(stage.device)})
-    return stage.finish({"steps": total, "final_loss": loss.item(), "examples": len(examples),
+            "loss": loss, "grad_norm": float(grad_norm), "tokens": int(n_total), "tokens_per_s": n_real / dt,
+            "step_time_s": dt, "micro_batches": len(groups), "peak_mem_mb": peak_memory_mb(stage.device)})
+    return stage.finish({"steps": total, "final_loss": loss, "examples": len(examples),
                          "runtime_s": stage.runtime_s()})

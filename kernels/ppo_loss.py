@@ -51,8 +51,10 @@ def _ppo_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
     opts = PPOLossOptions.from_op_args(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                                        entropy_coef, value_clip, value_coef, loss_agg, loss_agg_norm)
     _validate.binary_mask(mask)
-    m = mask.to(torch.float32)
-    weight = token_loss_weights(m, row_len, opts)
+    as_stored = backend == "cpp" and mask.dtype in (torch.bool, torch.uint8)
+    m = mask if as_stored else mask.to(torch.float32)  # cpp reads bytes: no 4-byte float copy
+    weight = token_loss_weights(m.to(torch.float32) if as_stored and opts.loss_agg != "token-mean" else m,
+                                row_len, opts)
     return dispatch.get(backend).ppo_loss_forward(
         logp, old_logp, advantages, m, ref_logp, entropy, values, old_values, returns, weight, opts)
 
@@ -68,6 +70,7 @@ def _(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, r
 def _setup_context(ctx, inputs, output):
     _loss, _stats, g_logp, g_ent, g_val = output
     ctx.save_for_backward(g_logp, g_ent, g_val)
+    ctx.set_materialize_grads(False)  # no zero-filled [N] grads for the unused outputs
     ctx.has_entropy, ctx.has_values = inputs[5] is not None, inputs[6] is not None
     ctx.n_inputs = len(inputs)
 

@@ -176,6 +176,16 @@ def test_demo_tiny_end_to_end(tmp_path):
     assert set(mem["stage_peak_mb"]) == {"0_base", "1_sft", "2_annotate", "3_reward_model", "4_ppo"}
     assert {"peak_mem_generation_mb", "peak_mem_scoring_mb", "peak_mem_update_mb"} <= set(mem["ppo_phase_peak_mb"])
     assert 0 < mem["model_loaded_rss_mb"] <= max(mem["stage_peak_mb"].values()) <= mem["peak_rss_mb"]
+    # ... and the same per-stage breakdown in the run's metrics.jsonl (rows of stage "demo")
+    demo_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(x).get("stage") == "demo"]
+    assert [r["demo_stage"] for r in demo_rows] == list(mem["stage_peak_mb"])
+    assert [r["step"] for r in demo_rows] == [1, 2, 3, 4, 5]
+    assert all(r["peak_mem_mb"] == mem["stage_peak_mb"][r["demo_stage"]] and r["rss_after_mb"] > 0 for r in demo_rows)
+    # the engine stages trained in micro-batches (the tiny preset leaves the config's defaults)
+    rm_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x).get("stage") == "rm"]
+    assert rm_rows and all(r["micro_batches"] >= 1 for r in rm_rows)
 
 
 def test_demo_advantage_flag_selects_rloo(tmp_path):

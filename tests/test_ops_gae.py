@@ -146,3 +146,74 @@ def test_errors(backend):
         K.gae(r, v, m[:1])
     with pytest.raises(ValueError):
         K.gae(r[None], v[None], m[None])  # 3-D
+
+
+# Row counts around the cpp kernel's 16-row groups (and its 8-row generic interleave), lengths
+# around its 16-step tiles: every group/tile edge, spare lanes and partial tiles.
+EDGE_ROWS = (1, 7, 15, 16, 17, 33, 255)
+EDGE_STEPS = (1, 15, 16, 17, 100)
+
+
+@pytest.mark.parametrize("kind", ("mixed", "holes", "left", "right"))
+@pytest.mark.parametrize("b", EDGE_ROWS)
+def test_group_and_tile_edges(backend, b, kind):
+    if backend.slow and b > 7:
+        pytest.skip("slow backend: the small row counts cover it")
+    for t in EDGE_STEPS[:3] if backend.slow else EDGE_STEPS:
+        r, v, m = _inputs(b, t, kind, backend.device, seed=b * 1000 + t)
+        # garbage (NaN, huge) at masked positions must not leak into any row or lane
+        r = torch.where(m, r, torch.full_like(r, float("nan")))
+        v = torch.where(m, v, torch.full_like(v, 1e30))
+        adv, ret = K.gae(r, v, m, gamma=0.99, lam=0.95)
+        _check(adv, ret, r, v, m, 0.99, 0.95)
+
+
+def test_fully_masked_rows_among_valid_ones(backend):
+    """All-masked rows inside a group of valid rows (and a whole group of them) stay 0."""
+    b, t = 40, 37
+    r, v, m = _inputs(b, t, "holes", backend.device, seed=21)
+    m[3] = False
+    m[16:32] = False
+    adv, ret = K.gae(r, v, m, gamma=1.0, lam=0.9)
+    _check(adv, ret, r, v, m, 1.0, 0.9)
+    assert torch.all(adv[16:32] == 0) and torch.all(ret[3] == 0)
+
+
+def _cpp_only(backend):
+    if backend.name != "cpp":
+        pytest.skip("cpp kernel paths")
+
+
+def test_cpp_paths_agree_bitwise(backend, monkeypatch):
+    """The AVX-512 tile path and the generic interleaved path give the same bits (both round
+    fma(gamma, next_v, r) - v and fma(gamma*lam, next_a, delta) once each)."""
+    _cpp_only(backend)
+    from rlfuse.kernels._C import gae as cpp_gae  # the kernel reads the switch per call
+    for b, t in ((1, 1), (17, 33), (255, 100)):
+        r, v, m = _inputs(b, t, "mixed", backend.device, seed=b + t)
+        monkeypatch.delenv("RLFUSE_GAE_GENERIC", raising=False)
+        wide = cpp_gae(r, v, m, 0.99, 0.95)
+        monkeypatch.setenv("RLFUSE_GAE_GENERIC", "1")
+        generic = cpp_gae(r, v, m, 0.99, 0.95)
+        for x, y, name in zip(wide, generic, ("advantages", "returns")):
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32)), f"{b}x{t}: {name} differ between paths"
+        _check(*generic, r, v, m, 0.99, 0.95)
+
+
+def test_cpp_thread_count_invariance(backend):
+    """Rows split across threads (a size above the kernel's per-task grain, rows not a multiple
+    of 16) give the same bits with 1, 2 and 3 threads."""
+    _cpp_only(backend)
+    r, v, m = _inputs(619, 1024, "mixed", backend.device, seed=31)  # 39 groups of 16, the last of 11
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(K.gae(r, v, m, gamma=0.99, lam=0.95))
+    finally:
+        torch.set_num_threads(before)
+    for n, (a, rt) in zip((2, 3), outs[1:]):
+        assert torch.equal(a, outs[0][0]) and torch.equal(rt, outs[0][1]), f"{n} threads differ from 1 thread"
+    rows = slice(600, 619)  # across the last, partial group (the python reference is slow)
+    _check(outs[0][0][rows], outs[0][1][rows], r[rows], v[rows], m[rows], 0.99, 0.95)

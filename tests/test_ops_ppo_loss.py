@@ -402,3 +402,32 @@ def test_errors(backend):
         K.ppo_loss(lp, old, adv, clip_eps=float("nan"))
     with pytest.raises(ValueError, match="loss_agg_norm"):
         K.ppo_loss(lp, old, adv, loss_agg_norm=10.0)  # only for seq-mean-token-sum-norm
+
+
+# ----------------------------------------------------------------------------- C++ kernel paths
+@pytest.mark.parametrize("n", (5000, (1 << 19) + 77), ids=("small", "streamed"))
+def test_cpp_mask_storage_and_reused_buffers(n):
+    """The C++ kernel reads a float32, bool or uint8 mask as stored: all three give bitwise the
+    same outputs, equal to the torch backend's. At the larger size the gradients are streamed
+    and their buffers come back from the kernel's pool: a second call with other inputs must
+    overwrite every element (a stale element of the first call would show)."""
+    from rlfuse.kernels.backends import cpp, torch_backend
+    from rlfuse.kernels.ppo_options import PPOLossOptions
+    if not cpp.AVAILABLE:
+        pytest.skip(cpp.UNAVAILABLE_REASON)
+    opts = PPOLossOptions(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01,
+                          value_clip=0.2, value_coef=0.5)
+    for seed in (1, 2):
+        tensors, _ = _make((n,), OPTIONS["everything"], "cpu", seed=seed)
+        mask = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.8
+        args = [tensors[k] for k in ("logp", "old_logp", "advantages")]
+        rest = [tensors[k] for k in ("ref_logp", "entropy", "values", "old_values", "returns")]
+        outs = {dt: cpp.ppo_loss_forward(*args, mask.to(dt), *rest, None, opts)
+                for dt in (torch.float32, torch.bool, torch.uint8)}
+        for dt in (torch.bool, torch.uint8):
+            for i, (a, b) in enumerate(zip(outs[torch.float32], outs[dt])):
+                assert torch.equal(a, b), f"output {i}: a {dt} mask differs from the float32 mask"
+        expected = torch_backend.ppo_loss_forward(*args, mask.float(), *rest, None, opts)
+        for i, (c, t) in enumerate(zip(outs[torch.bool], expected)):
+            torch.testing.assert_close(c, t, atol=1e-7, rtol=2e-5, msg=lambda s: f"seed {seed}, output {i}: {s}")
+        del outs  # frees the buffers into the pool for the next seed

@@ -25,6 +25,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
 
 }  // namespace
 
+namespace rlfuse {  // sample.cpp: exact inverse-CDF draws from softmax(z / T), one per row
+std::tuple<at::Tensor, at::Tensor> sample_rows(const at::Tensor& logits, const at::Tensor& uniforms, double temperature);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlfuse CPU kernels: fused log-probs, GAE and PPO loss (OpenMP, vectorised)";
   m.def("logprobs_forward", &rlfuse::logprobs_forward, "log-probs (+ entropy) of labels from logits",
@@ -35,6 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("labels"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"), py::arg("inplace"),
         py::arg("softcap") = py::none(), py::arg("logit_scale") = 1.0, py::arg("out") = py::none());
+  m.def("sample_rows", &rlfuse::sample_rows, "(tokens, log-probs) drawn by inverse CDF from softmax(logits / T)",
+        py::arg("logits"), py::arg("uniforms"), py::arg("temperature"));
   m.def("gae", &rlfuse::gae, "generalised advantage estimation over padded rows",
         py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"), py::arg("lam"));
   m.def("ppo_loss_forward", &ppo_loss_forward,

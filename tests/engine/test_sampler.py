@@ -194,3 +194,127 @@ def test_samples_of_one_prompt_share_one_prefill(bb):
     sampled = ro.sample_logp.clone()  # ...and the expanded cache scores like a per-row prefill
     score_rollout(bb, ro, reward_fn=_zero_reward, with_values=False)
     torch.testing.assert_close(ro.logp, sampled, atol=2e-5, rtol=1e-5)
+
+
+# --- the preallocated cache, the shared-prefix prefill and the C++ draw ---------------------------
+
+def _system_prompts(tok, texts=TEXTS):
+    """Chat prompts behind one system turn: a long prefix of real tokens common to every row."""
+    out = []
+    for t in texts:
+        msgs = [{"role": "system", "content": "You are a careful assistant. Answer briefly."},
+                {"role": "user", "content": t}]
+        rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        out.append(Prompt(t, rendered, tok(rendered, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+@pytest.mark.parametrize("texts", [TEXTS, ("say red", "say tan", "say 123")],
+                         ids=["padded-suffixes", "equal-lengths"])  # equal lengths: a mask of all ones
+def test_a_common_prefix_is_prefilled_once_with_the_same_result(bb, monkeypatch, texts):
+    import rlfuse.engine.sampler as sampler_mod
+
+    tok = bb.tokenizer
+    prompts = _system_prompts(tok, texts)
+    ids, attn = pad([p.input_ids for p in prompts], tok.pad_token_id, side="left")
+    c = sampler_mod.common_prefix_len(ids, attn.long())
+    assert c >= 20 and c < int(attn.sum(1).min())  # the system turn, and each row keeps a suffix
+    keys = [(3, 0, i, 0) for i in range(len(ids))]
+    calls = []
+    hook = bb.decoder.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)),
+                                                with_kwargs=True)
+    try:
+        shared = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.9)
+    finally:
+        hook.remove()
+    assert calls[0] == (1, c) and calls[1][0] == len(ids)  # the prefix once, then the suffixes
+    monkeypatch.setattr(sampler_mod, "_MIN_SHARED_PREFIX", 10 ** 9)  # the plain prefill
+    plain = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.9)
+    assert torch.equal(shared.tokens, plain.tokens)
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=2e-5, rtol=1e-5)
+
+
+def test_shared_prefix_rollouts_score_as_sampled_and_do_not_depend_on_the_batch(bb):
+    prompts = _system_prompts(bb.tokenizer)
+    ro = generate_rollout(bb, prompts, n_samples=2, max_new_tokens=6, temperature=0.8, seed=9,
+                          prompt_indices=[0, 1, 2, 3])
+    sampled = ro.sample_logp.clone()
+    score_rollout(bb, ro, temperature=0.8, reward_fn=_zero_reward, with_values=False)
+    torch.testing.assert_close(ro.logp, sampled, atol=2e-5, rtol=1e-5)
+    alone = generate_rollout(bb, [prompts[1]], n_samples=2, max_new_tokens=6, temperature=0.8, seed=9,
+                             prompt_indices=[1])
+    assert alone.completions == ro.completions[2:4]
+
+
+def test_the_cache_is_preallocated_and_compacted_when_rows_leave(bb):
+    from rlfuse.engine.sampler import preallocated_cache
+
+    cache = preallocated_cache(bb.base.config, 12)
+    k = torch.randn(3, 2, 5, 4)
+    keys, _ = cache.layers[0].update(k, k + 1)
+    buffer = cache.layers[0]._k
+    assert buffer.shape == (3, 2, 12, 4) and torch.equal(keys, k) and cache.get_seq_length() == 5
+    step = torch.randn(3, 2, 1, 4)
+    keys, values = cache.layers[0].update(step, step)
+    assert cache.layers[0]._k is buffer and keys.data_ptr() == buffer.data_ptr()  # written in place
+    assert torch.equal(keys[:, :, 5:], step) and torch.equal(values[:, :, :5], k + 1)
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(cache.layers[0].keys, torch.cat([k, step], 2)[[2, 0]]) and cache.get_seq_length() == 6
+    with pytest.raises(RuntimeError, match="KV cache capacity 12 exceeded"):
+        cache.layers[0].update(torch.randn(2, 2, 7, 4), torch.randn(2, 2, 7, 4))
+
+
+def test_sampling_without_the_kernel_gives_the_same_completions(bb, monkeypatch):
+    import rlfuse.engine.token_pick as token_pick
+
+    if not token_pick.HAS_KERNEL:
+        pytest.skip("the C++ extension is not built")
+    ids, attn = pad([p.input_ids for p in _prompts(bb.tokenizer)], bb.tokenizer.pad_token_id, side="left")
+    keys = [(5, 1, i, 0) for i in range(len(ids))]
+    fast = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.7)
+    monkeypatch.setattr(token_pick, "HAS_KERNEL", False)
+    slow = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.7)
+    assert torch.equal(fast.tokens, slow.tokens)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_the_kernel_draws_what_the_torch_path_draws(temperature):
+    from rlfuse.engine.token_pick import HAS_KERNEL, pick_tokens, pick_tokens_torch
+
+    if not HAS_KERNEL:
+        pytest.skip("the C++ extension is not built")
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(64, 5003, generator=g) * 4  # a vocabulary that is not a multiple of the lanes
+    z[:, 7:900] = float("-inf")  # zero-probability tokens
+    z[3] = float("-inf")
+    z[3, 4000] = 0.0  # one possible token
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2.0 ** -53
+    tokens, logp = pick_tokens(z, u, temperature)
+    ref_tokens, ref_logp = pick_tokens_torch(z, u, temperature)
+    assert torch.equal(tokens, ref_tokens) and int(tokens[3]) == 4000
+    assert not ((tokens >= 7) & (tokens < 900)).any()
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-6)  # torch's float32 log_softmax rounds more
+    expected = torch.log_softmax(z.double() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logp.double(), expected, atol=2e-6, rtol=1e-7)
+
+
+def test_a_zero_probability_token_is_never_drawn_at_a_cdf_boundary():
+    from rlfuse.engine.token_pick import HAS_KERNEL, pick_tokens, pick_tokens_torch
+
+    z = torch.tensor([[0.0, float("-inf"), 0.0], [float("-inf"), 0.0, 0.0]])
+    u = torch.tensor([0.5, 0.0], dtype=torch.float64)  # row 0's target sits exactly on the CDF step of token 1
+    for pick in ([pick_tokens_torch] + ([pick_tokens] if HAS_KERNEL else [])):
+        assert pick(z, u)[0].tolist() == [2, 1]
+
+
+def test_the_kernel_refuses_non_finite_logits():
+    from rlfuse.engine.token_pick import HAS_KERNEL, pick_tokens
+
+    if not HAS_KERNEL:
+        pytest.skip("the C++ extension is not built")
+    z = torch.zeros(2, 40)
+    z[1, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="row 1 has non-finite logits"):
+        pick_tokens(z, torch.full((2,), 0.5, dtype=torch.float64))
