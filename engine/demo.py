@@ -90,8 +90,10 @@ PRESETS = {
             "rm.batch_size": 8, "rm.epochs": 1, "rm.lr": 1e-3, "rm.max_length": 128, "rm.eval_fraction": 0.15,
             # micro-batches (the same gradients): what glibc keeps of a pass grows faster than its
             # rows. Step peaks (one thread, the stage alone): SFT 16 rows 1.9-2.1 GB, 8: 1.85, 4: 1.54
-            # (+10% step time); RM 8 rankings (<= 32 rows) 2.0-2.4 GB, 8 rows 1.5-1.6, 4: 1.2-1.4
-            "sft.micro_batch_size": 4, "rm.micro_batch_size": 4,
+            # (+10% step time); RM 8 rankings (<= 32 rows) 2.0-2.4 GB, 8 rows 1.5-1.6, 4: 1.2-1.4.
+            # Smaller passes parallelise worse over two threads (RM with 4 rows: +18% stage time),
+            # so the RM takes 8 rows and PPO its whole minibatch of 8 (1.7 GB, under SFT's limit)
+            "sft.micro_batch_size": 4, "rm.micro_batch_size": 8, "ppo.micro_batch_size": None,
             # GAE: measured on one SFT + reward model, kl_coef 0.05 / value_coef 0.5 lost 18 points of
             # accuracy to reward-model over-optimisation; 0.15 / 0.1 (a critic that pulls less on
             # the shared LoRA) gained 5.7 (CI [0.0, +11.5]): see README "What the demo shows"

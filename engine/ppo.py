@@ -31,6 +31,7 @@ from .advantages import ESTIMATORS, compute_advantages, kl_per_token
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import latest_checkpoint, load_heads, load_safetensors, resolve_checkpoint
 from . import distributed as D
+from . import memory as M
 from .config import PPOConfig, RunConfig
 from .data import end_of_turn_id, epoch_batches, load_prompts
 from .metrics import MemoryPhases
@@ -249,21 +250,14 @@ def _agg_weight(mask: torch.Tensor, loss_agg: str) -> float:
 def micro_batches(idx: torch.Tensor, group_size: int, size: int | None) -> list[torch.Tensor]:
     """Rows ``idx`` of a minibatch cut into micro-batches of at most ``size`` rows (None: one),
     keeping the ``group_size`` samples of a prompt (rollout rows k*G .. k*G+G-1) together, so
-    each micro-batch's forward still runs its prompts once (a group larger than ``size`` is cut)."""
+    each micro-batch's forward still runs its prompts once. A row's PPO loss stands alone, so a
+    group larger than ``size`` is cut (unlike a ranking, see ``memory.micro_batches``)."""
     if size is None or size >= len(idx):
         return [idx]
     idx = idx.sort().values
     _, counts = torch.unique_consecutive(idx // max(1, group_size), return_counts=True)
-    out, current, n = [], [], 0
-    for group in idx.split(counts.tolist()):
-        for piece in group.split(size):
-            if n and n + len(piece) > size:
-                out.append(torch.cat(current))
-                current, n = [], 0
-            current.append(piece)
-            n += len(piece)
-    out.append(torch.cat(current))
-    return out
+    pieces = [piece for group in idx.split(counts.tolist()) for piece in group.split(size)]
+    return [torch.cat([pieces[i] for i in batch]) for batch in M.micro_batches([len(p) for p in pieces], size)]
 
 
 def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_coef: float, *,
