@@ -28,6 +28,7 @@ without checkpointing. ``ppo_update`` also bounds activation memory by micro-bat
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -77,6 +78,20 @@ def _checkpoint_with_cache(decoder):
             del m._can_checkpoint_with_cache
 
 
+@functools.lru_cache(maxsize=None)  # one class: transformers is imported lazily
+def _read_only_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReadOnlyPrefixLayer(DynamicLayer):
+        """The prompt's K/V, never written: ``update`` returns prompt + new states and keeps
+        nothing, so a checkpointed layer's backward replay sees exactly what the forward saw."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+    return ReadOnlyPrefixLayer
+
+
 def _read_only(cache) -> bool:
     """Swap the cache's full-attention layers for read-only ones; False (nothing swapped) when
     a layer of another kind (sliding window...) would still be written."""
@@ -84,16 +99,9 @@ def _read_only(cache) -> bool:
 
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return False
-
-    class _ReadOnlyPrefixLayer(DynamicLayer):
-        """The prompt's K/V, never written: ``update`` returns prompt + new states and keeps
-        nothing, so a checkpointed layer's backward replay sees exactly what the forward saw."""
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
-
+    layer_cls = _read_only_layer_class()
     for i, layer in enumerate(cache.layers):
-        frozen = _ReadOnlyPrefixLayer()
+        frozen = layer_cls()
         frozen.__dict__.update(layer.__dict__)
         cache.layers[i] = frozen
     return True
