@@ -169,6 +169,39 @@ def test_logprobs_vocab_one_and_extremes():
     assert torch.isfinite(g).all() and torch.equal(g[:, :50], torch.zeros(4, 50))
 
 
+@pytest.mark.parametrize("vocab", (1, 15, 31, 32, 33, 2047, 2049, 4131))
+def test_logprobs_row_max_anywhere(vocab):
+    """The row max is taken 32 lanes at a time with a scalar tail, per 2048-wide block: put a
+    dominant logit in every kind of place (first, last, a vector lane, the tail, the second
+    block) and check log-probs, entropy and the gradient against float64."""
+    spots = sorted({0, vocab - 1, min(vocab - 1, 17), vocab - vocab % 32 if vocab % 32 else 0,
+                    min(vocab - 1, 2048 + 5)})
+    x = rand_logits((len(spots) * 2, vocab), seed=vocab)
+    for r, j in enumerate(spots):
+        x[2 * r, j] = 40.0                   # one dominant logit
+        x[2 * r + 1, j] = x[2 * r + 1].max() + 0.5  # a mild one: every other term counts
+    lab = rand_labels((x.shape[0],), vocab, seed=vocab)
+    r_lp, r_ent, r_grad = ref_logprobs(x, lab, 1.0)
+    lp, lse, ent = cpp.logprobs_forward(x, lab, 1.0, True)
+    assert_close(lp, r_lp, **lp_tol(vocab), name="logp")
+    assert_close(ent, r_ent, **lp_tol(vocab), name="entropy")
+    g = cpp.logprobs_backward(x, lab, lse, ent, torch.ones(len(lab)), torch.ones(len(lab)), 1.0, False)
+    assert_close(g, r_grad(torch.ones(len(lab)), torch.ones(len(lab))), atol=2e-6, rtol=GRAD_RTOL[torch.float32],
+                 name="grad logits")
+
+
+def test_logprobs_nan_logit_gives_nan_row():
+    """A NaN logit, in the vector part or the tail, makes its row's log-prob NaN (never a
+    silently wrong finite number) and leaves the other rows alone."""
+    x = rand_logits((3, 100), seed=5)
+    x[0, 3] = float("nan")
+    x[1, 99] = float("nan")
+    lp, _lse, ent = cpp.logprobs_forward(x, torch.zeros(3, dtype=torch.long), 1.0, True)
+    assert torch.isnan(lp[:2]).all() and torch.isnan(ent[:2]).all()
+    r_lp, _r_ent, _ = ref_logprobs(x[2:], torch.zeros(1, dtype=torch.long), 1.0)
+    assert_close(lp[2:], r_lp, **lp_tol(100), name="clean row")
+
+
 # ------------------------------------------------------------------------------------ GAE
 def _gae_inputs(seed):
     b, t = 9, 37

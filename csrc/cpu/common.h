@@ -38,21 +38,20 @@ RLFUSE_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 
-// exp(x) in float, ~1 ulp (Cephes polynomial), branch-free so loops calling it vectorise.
-// exp(-inf) = 0, exp(+inf) = inf, NaN propagates; results below FLT_MIN flush to 0.
-RLFUSE_INLINE float fast_exp(float x) {
-  constexpr float kHi = 88.3762626647949f;   // n = round(x / ln2) stays <= 127
-  constexpr float kOverflow = 88.72283935546875f;  // ln(FLT_MAX)
-  constexpr float kLo = -87.3365447505531f;  // ln(FLT_MIN)
+namespace exp_detail {
+constexpr float kHi = 88.3762626647949f;          // n = round(x / ln2) stays <= 127
+constexpr float kOverflow = 88.72283935546875f;  // ln(FLT_MAX)
+constexpr float kLo = -87.3365447505531f;         // ln(FLT_MIN)
+
+// e^x for kLo <= x <= kHi: Cephes' range reduction x = n ln2 + r and degree-6 polynomial.
+RLFUSE_INLINE float core(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float xc = x < kLo ? kLo : x;  // comparisons are false for NaN, which passes through
-  xc = xc > kHi ? kHi : xc;
-  const float kf = xc * kLog2e + kMagic;
+  const float kf = x * kLog2e + kMagic;
   const float n = kf - kMagic;
-  float r = xc - n * kLn2Hi;
+  float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -62,11 +61,76 @@ RLFUSE_INLINE float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
   const int32_t ni = static_cast<int32_t>(float_to_bits(kf) - float_to_bits(kMagic));
-  const float scale = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
-  float y = p * scale;
+  return p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+}
+}  // namespace exp_detail
+
+// exp(x) in float, ~1 ulp (Cephes polynomial), branch-free so loops calling it vectorise.
+// exp(-inf) = 0, exp(+inf) = inf, NaN propagates; results below FLT_MIN flush to 0.
+RLFUSE_INLINE float fast_exp(float x) {
+  using namespace exp_detail;
+  float xc = x < kLo ? kLo : x;  // comparisons are false for NaN, which passes through
+  xc = xc > kHi ? kHi : xc;
+  float y = core(xc);
   y = x > kOverflow ? std::numeric_limits<float>::infinity() : y;
   y = x < kLo ? 0.0f : y;
   return y;
+}
+
+// fast_exp for arguments that cannot overflow (x <= 88.37): a logit minus its row's max or
+// log-sum-exp, the softmax loops' case. Same values; without the upper clamp and the
+// overflow select the loop body is about a third shorter (the forward is exp-bound).
+RLFUSE_INLINE float fast_exp_nonpos(float x) {
+  using namespace exp_detail;
+  const float y = core(x < kLo ? kLo : x);
+  return x < kLo ? 0.0f : y;
+}
+
+// 2^x for x <= 0, for the terms of a softmax sum (whose largest term is 1): rounds to an
+// integer n and a fraction f in [-1/2, 1/2] with no ln2 reduction, and a degree-6 minimax
+// polynomial for 2^f (max relative error 1.0e-7 evaluated in float, ~1.7 ulp). Below 2^-126
+// it gives 2^-126 (FLT_MIN), not 0: beside the sum's term of 1 that is nothing, and dropping
+// the select keeps this loop, the forward's whole cost, ~17 vector ops per 16 terms. NaN
+// propagates; x must be <= 0 (no overflow handling).
+RLFUSE_INLINE float fast_exp2_softmax_term(float x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float xc = x < -126.0f ? -126.0f : x;  // false for NaN, which passes through
+  const float kf = xc + kMagic;
+  const float f = xc - (kf - kMagic);
+  float p = 1.535335905e-04f;
+  p = p * f + 1.339887502e-03f;
+  p = p * f + 9.618436918e-03f;
+  p = p * f + 5.550332367e-02f;
+  p = p * f + 2.402264774e-01f;
+  p = p * f + 6.931471825e-01f;
+  p = p * f + 1.0f;
+  const int32_t ni = static_cast<int32_t>(float_to_bits(kf) - float_to_bits(kMagic));
+  return p * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+}
+
+// The largest of x[0..n), NaNs skipped (a NaN never wins a `>`); -inf when n == 0 or all are
+// NaN/-inf. Exact, so lane order cannot change it. Explicit AVX-512: gcc 12 leaves the lane
+// loop below scalar (vmaxss), which was a third of the log-prob forward's time.
+RLFUSE_INLINE float max_skip_nan(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 a = _mm512_set1_ps(m), b = a;
+  // _mm512_max_ps(x, acc) returns acc when x is NaN, like the scalar `x > acc ? x : acc`
+  for (; i + 32 <= n; i += 32) {
+    a = _mm512_max_ps(_mm512_loadu_ps(x + i), a);
+    b = _mm512_max_ps(_mm512_loadu_ps(x + i + 16), b);
+  }
+  m = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+#else
+  float mx[kLanes];
+  for (int j = 0; j < kLanes; ++j) mx[j] = m;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) mx[j] = x[i + j] > mx[j] ? x[i + j] : mx[j];
+  for (int j = 0; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
+#endif
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
 }
 
 // Fixed-order tree sum of kLanes accumulators.

@@ -57,28 +57,20 @@ std::tuple<at::Tensor, at::Tensor> sample_rows(const at::Tensor& logits, const a
         for (int64_t i = 0; i < v; ++i) x[i] = row[i] / t;
         xs = x;
       }
-      float mx[kLanes];
-      for (int j = 0; j < kLanes; ++j) mx[j] = -std::numeric_limits<float>::infinity();
-      int64_t i = 0;
-      for (; i + kLanes <= v; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) mx[j] = xs[i + j] > mx[j] ? xs[i + j] : mx[j];
-      float m = mx[0];
-      for (int j = 1; j < kLanes; ++j) m = mx[j] > m ? mx[j] : m;
-      for (; i < v; ++i) m = xs[i] > m ? xs[i] : m;
-      const float m_row = m;
+      const float m_row = max_skip_nan(xs, v);
 
       double acc[kLanes] = {};
-      i = 0;
+      int64_t i = 0;
       for (; i + kLanes <= v; i += kLanes)
         for (int j = 0; j < kLanes; ++j) {
-          const float e = fast_exp(xs[i + j] - m_row);
+          const float e = fast_exp_nonpos(xs[i + j] - m_row);
           x[i + j] = e;
           acc[j] += static_cast<double>(e);
         }
       double total = 0.0;
       for (int j = 0; j < kLanes; ++j) total += acc[j];
       for (; i < v; ++i) {
-        const float e = fast_exp(xs[i] - m_row);
+        const float e = fast_exp_nonpos(xs[i] - m_row);
         x[i] = e;
         total += static_cast<double>(e);
       }
