@@ -102,6 +102,49 @@ def _runner(engine: str, model, tok, compile_: bool):
     return run
 
 
+def _prefill_plan(engine: str, ids, attn) -> tuple[int, int]:
+    """(token positions one call prefills, padding included; rows the LM head sees there):
+    ``generate`` pushes every row's every column, the sampler ``prefill_tokens``."""
+    import torch
+
+    from rlfuse.engine.sampler import prefill_tokens
+
+    if engine == "rlfuse_sampler":
+        return prefill_tokens(ids, attn), torch.unique(torch.cat([ids, attn], 1), dim=0).shape[0]
+    return ids.numel(), ids.shape[0]
+
+
+def _matmul_floor(model, engine: str, ids, attn, new_tokens: int) -> tuple[float, float]:
+    """(GFLOP, seconds) of one call's weight matmuls and nothing else: every Linear of the
+    decoder and the LM head, on the call's real shapes and real weights (so streamed from memory
+    as in the call), once with the prefill's rows, once with the decode step's (x new tokens - 1).
+    Attention scores, softmax, norms, sampling and Python are left out: the floor of a call."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [m.weight for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings().weight
+    prefill, head_rows = _prefill_plan(engine, ids, attn)
+    B = ids.shape[0]
+
+    def one_pass(rows: int, lm_rows: int) -> float:
+        xs = {n: torch.randn(rows, n, dtype=head.dtype) for n in {w.shape[1] for w in weights} | {head.shape[1]}}
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(2):
+                t0 = time.perf_counter()
+                for w in weights:
+                    F.linear(xs[w.shape[1]], w)
+                F.linear(xs[head.shape[1]][:lm_rows], head)
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    seconds = one_pass(prefill, head_rows) + (new_tokens - 1) * one_pass(B, B)
+    per_position = sum(w.numel() for w in weights)
+    gflop = 2 * (per_position * (prefill + B * (new_tokens - 1)) + head.numel() * (head_rows + B * (new_tokens - 1)))
+    return gflop / 1e9, seconds
+
+
 def child(args) -> dict:
     import torch
 
@@ -122,8 +165,10 @@ def child(args) -> dict:
     assert out.shape == (args.batch, args.new_tokens), out.shape
     n = args.batch * args.new_tokens
     # CPU seconds too: on a shared box, wall time includes waiting for a core; CPU time does not
+    gflop, floor_s = _matmul_floor(model, args.engine, ids, attn, args.new_tokens)
     return {"engine": args.engine, "seconds": dt, "tokens_per_s": n / dt, "cpu_s": cpu,
-            "tokens_per_cpu_s": n / cpu, "prompt_len": int(ids.shape[1])}
+            "tokens_per_cpu_s": n / cpu, "prompt_len": int(ids.shape[1]), "matmul_gflop": gflop,
+            "matmul_floor_s": floor_s, "floor_fraction": floor_s / dt}
 
 
 def _spawn(args, engine: str) -> dict:
@@ -207,7 +252,49 @@ def main(argv=None) -> int:
     with md.open("a") as f:
         f.write(line + "\n")
     print(line)
+    floor_line = _floor_row(args, runs)
+    result["matmul_floor"] = floor_line[1]
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    floor_md = out / "generate-floor.md"
+    if not floor_md.exists():
+        floor_md.write_text(FLOOR_HEADER)
+    with floor_md.open("a") as f:
+        f.write(floor_line[0] + "\n")
+    print(floor_line[0])
     return 0
+
+
+FLOOR_HEADER = """# Generation against the matmul floor
+
+`python benchmarks/bench_generate.py` (the same runs as generate.md). Floor = the time of the call's
+weight matmuls alone: every Linear of the decoder and the LM head run back to back with `F.linear`, on the
+call's real shapes and real weights (streamed from memory as in the call), once with the prefill's rows
+(padding included: `generate` prefills every row's every column, the sampler each distinct prompt once and
+the shared prefix once) and once per decode step; attention scores, softmax, norms, sampling and Python
+left out. Measured in each engine's process after its timed call. `% of floor` = floor / time: the
+share of the call that is those matmuls. `ceiling` = generate's time / the sampler's floor: the largest
+speedup over `generate` a sampler doing the sampler's matmuls could reach on this machine.
+
+| model | batch | samples/prompt | new tokens | generate GFLOP | sampler GFLOP | generate floor s | sampler floor s | generate % of floor | sampler % of floor | speedup | ceiling | measured |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+"""
+
+
+def _floor_row(args, runs: dict) -> tuple[str, dict]:
+    """The generate-floor.md row of one benchmark and its numbers (medians over the runs)."""
+    def med(engine, key):
+        return statistics.median(x[key] for x in runs[engine])
+
+    gen_s, smp_s = med("hf_generate", "seconds"), med("rlfuse_sampler", "seconds")
+    gen_f, smp_f = med("hf_generate", "matmul_floor_s"), med("rlfuse_sampler", "matmul_floor_s")
+    d = {"generate_gflop": med("hf_generate", "matmul_gflop"), "sampler_gflop": med("rlfuse_sampler", "matmul_gflop"),
+         "generate_floor_s": gen_f, "sampler_floor_s": smp_f, "generate_floor_fraction": gen_f / gen_s,
+         "sampler_floor_fraction": smp_f / smp_s, "speedup": gen_s / smp_s, "ceiling": gen_s / smp_f}
+    row = (f"| {args.model} | {args.batch} | {args.group} | {args.new_tokens} | {d['generate_gflop']:.0f} | "
+           f"{d['sampler_gflop']:.0f} | {gen_f:.2f} | {smp_f:.2f} | {100 * d['generate_floor_fraction']:.0f}% | "
+           f"{100 * d['sampler_floor_fraction']:.0f}% | {d['speedup']:.2f}x | {d['ceiling']:.2f}x | "
+           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} |")
+    return row, d
 
 
 def test_generate_rlfuse_sampler(benchmark):

@@ -224,11 +224,9 @@ def _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tok
     positions as a plain prefill (up to float rounding of the smaller matmuls)."""
     B, P = input_ids.shape
     kw = cache_kwarg(decoder)
-    unique, inverse = torch.unique(torch.cat([input_ids, mask], 1), dim=0, return_inverse=True)
-    shared = unique.shape[0] < B
-    u_ids, u_mask = (unique[:, :P], unique[:, P:]) if shared else (input_ids, mask)
-    c = common_prefix_len(u_ids, u_mask)
-    if c < _MIN_SHARED_PREFIX:
+    u_ids, u_mask, inverse, c = _prefill_plan(input_ids, mask)
+    shared = inverse is not None
+    if c == 0:
         cache = preallocated_cache(config, P + max_new_tokens)
         out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
                       use_cache=True, **{kw: cache})
@@ -254,6 +252,29 @@ def _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tok
 
 
 _MIN_SHARED_PREFIX = 4  # tokens: below this a separate prefix pass saves less than it costs
+
+
+def _prefill_plan(input_ids: torch.Tensor, mask: torch.Tensor):
+    """(distinct rows' ids, their mask, the inverse index to every row or None when all rows
+    differ, the length of the real-token prefix they share or 0 when too short to pay)."""
+    P = input_ids.shape[1]
+    unique, inverse = torch.unique(torch.cat([input_ids, mask], 1), dim=0, return_inverse=True)
+    if unique.shape[0] < input_ids.shape[0]:
+        u_ids, u_mask = unique[:, :P], unique[:, P:]
+    else:
+        u_ids, u_mask, inverse = input_ids, mask, None
+    c = common_prefix_len(u_ids, u_mask)
+    return u_ids, u_mask, inverse, (c if c >= _MIN_SHARED_PREFIX else 0)
+
+
+def prefill_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Token positions the sampler's prefill pushes through the decoder for these left-padded
+    prompts (padding included): each distinct prompt once, a shared prefix once. ``generate``
+    pushes every row's every column."""
+    u_ids, u_mask, _inverse, c = _prefill_plan(input_ids, attention_mask.long())
+    if c == 0:
+        return u_ids.numel()
+    return c + u_ids.shape[0] * (int(u_mask.sum(1).max()) - c)
 
 
 @torch.no_grad()

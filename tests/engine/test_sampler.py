@@ -9,7 +9,7 @@ from rlfuse.engine.backbone import load_backbone
 from rlfuse.engine.config import ModelConfig
 from rlfuse.engine.data import Prompt, pad
 from rlfuse.engine.rollout import generate_rollout, score_rollout
-from rlfuse.engine.sampler import final_logits, sample, sample_tokens
+from rlfuse.engine.sampler import final_logits, prefill_tokens, sample, sample_tokens
 
 TEXTS = ("say red", "a much longer prompt here, with more words", "hi", "two words")
 
@@ -191,6 +191,8 @@ def test_samples_of_one_prompt_share_one_prefill(bb):
     finally:
         hook.remove()
     assert prefill_rows[0][0] == len(prompts) and len(ro) == 3 * len(prompts)  # 4 prefilled rows serve 12
+    ids, attn = pad([p.input_ids for p in prompts for _ in range(3)], bb.tokenizer.pad_token_id, side="left")
+    assert prefill_tokens(ids, attn) == prefill_rows[0][0] * prefill_rows[0][1]  # no shared prefix here
     sampled = ro.sample_logp.clone()  # ...and the expanded cache scores like a per-row prefill
     score_rollout(bb, ro, reward_fn=_zero_reward, with_values=False)
     torch.testing.assert_close(ro.logp, sampled, atol=2e-5, rtol=1e-5)
@@ -228,7 +230,10 @@ def test_a_common_prefix_is_prefilled_once_with_the_same_result(bb, monkeypatch,
     finally:
         hook.remove()
     assert calls[0] == (1, c) and calls[1][0] == len(ids)  # the prefix once, then the suffixes
+    # prefill_tokens (what the benchmarks count as the prefill's work) = what the decoder got
+    assert sampler_mod.prefill_tokens(ids, attn) == c + calls[1][0] * calls[1][1]
     monkeypatch.setattr(sampler_mod, "_MIN_SHARED_PREFIX", 10 ** 9)  # the plain prefill
+    assert sampler_mod.prefill_tokens(ids, attn) == ids.numel()
     plain = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.9)
     assert torch.equal(shared.tokens, plain.tokens)
     torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=2e-5, rtol=1e-5)
