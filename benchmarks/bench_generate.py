@@ -70,7 +70,9 @@ def _batch(tok, batch: int, group: int = 1):
 
     rows = []
     for i in range(0, batch, group):
-        text = f"What's {i % 10}-{(i * 7) % 10} and {(i * 3) % 10}+{i % 4}?" + " Explain." * (i % 5)
+        # i itself in the text: every prompt distinct (a period in i would let the sampler's
+        # prefill deduplicate rows that generate computes, flattering the sampler)
+        text = f"What's {i}-{(i * 7) % 10} and {(i * 3) % 10}+{i % 4}?" + " Explain." * (i % 5)
         msgs = [{"role": "user", "content": text}]
         if tok.chat_template:
             text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
