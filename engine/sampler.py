@@ -9,7 +9,9 @@ trains off-policy without a warning. This loop never reads the generation_config
               only, like ``position_ids_from_mask``, so sampling and scoring see the same
               positions and the same log-probs); identical rows (the samples of one prompt)
               are prefilled once and share the result, and so is a prefix of real tokens
-              common to every prompt (the chat template's system turn)
+              common to every prompt (the chat template's system turn); prompts of very
+              different lengths go in a few batches of similar length (``length_buckets``)
+              rather than one padded to the longest
     decode    one token per step through a preallocated KV cache (written in place, no
               per-step concatenation); the LM head runs on the last hidden state only; rows
               that produced an EOS leave the batch and the cache, so a finished row costs
@@ -30,6 +32,7 @@ dynamic in its batch and cache length (no recompilation per step).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import inspect
@@ -221,34 +224,103 @@ def _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tok
     template's system turn) is computed once too: its keys/values at positions 0..c-1 are the
     same for every row (causal attention), so the cache holds [prefix c | left-padded suffixes
     | new tokens] and each row's suffix attends to the shared prefix, the same keys and
-    positions as a plain prefill (up to float rounding of the smaller matmuls)."""
-    B, P = input_ids.shape
+    positions as a plain prefill (up to float rounding of the smaller matmuls). Suffixes of very
+    different lengths are prefilled in buckets and their keys/values assembled into one cache."""
     kw = cache_kwarg(decoder)
     u_ids, u_mask, inverse, c = _prefill_plan(input_ids, mask)
-    shared = inverse is not None
-    if c == 0:
-        cache = preallocated_cache(config, P + max_new_tokens)
+    if not _left_padded(u_mask):  # holes or right padding: one pass over the prompts as given
+        cache = preallocated_cache(config, u_ids.shape[1] + max_new_tokens)
         out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
                       use_cache=True, **{kw: cache})
+        z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)  # / T inside pick_tokens
+        del out
     else:
-        U, lengths = u_ids.shape[0], u_mask.sum(1)
-        S = int(lengths.max()) - c  # the longest suffix
-        cache = preallocated_cache(config, c + S + max_new_tokens)
-        start = P - int(lengths[0])
-        prefix = u_ids[:1, start:start + c]
-        decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
-                position_ids=torch.arange(c, device=prefix.device).unsqueeze(0), **{kw: cache})
-        cache.batch_select_indices(torch.zeros(U, dtype=torch.long, device=prefix.device))
-        suffix_mask = (torch.arange(S, device=u_mask.device) >= (S - (lengths - c)).unsqueeze(1)).long()
-        u_mask = torch.cat([u_mask.new_ones(U, c), suffix_mask], 1)
-        out = decoder(input_ids=u_ids[:, P - S:], attention_mask=u_mask, use_cache=True,
-                      position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0)[:, c:], **{kw: cache})
-    z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)  # / T inside pick_tokens
-    del out  # the prompt's hidden states: only the cache is needed from here
-    if shared:
+        cache, z, u_mask = _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mask, c,
+                                                input_ids.shape[1], max_new_tokens)
+    if inverse is not None:
         cache.batch_select_indices(inverse)
         z, u_mask = z[inverse], u_mask[inverse]
     return cache, z, u_mask
+
+
+def _left_padded(mask: torch.Tensor) -> bool:
+    return bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
+def _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mask, c: int, P: int,
+                         max_new_tokens: int):
+    """(cache, logits, column mask) of distinct left-padded prompts: the shared prefix once, then
+    the suffixes, in one padded batch or in buckets of similar length (``length_buckets``)."""
+    U, lengths = u_ids.shape[0], u_mask.sum(1)
+    S = int(lengths.max()) - c  # the widest suffix (the whole prompt when nothing is shared)
+    cache = preallocated_cache(config, c + S + max_new_tokens)
+    buckets = length_buckets(lengths - c)
+    if len(buckets) > 1 and any(type(layer) is not _preallocated_layer_class() for layer in cache.layers):
+        buckets = [(torch.arange(U, device=u_ids.device), S)]  # sliding-window layers...: one padded batch
+    prefix_cache = cache if len(buckets) == 1 else preallocated_cache(config, c)
+    if c:
+        start = P - int(lengths[0])
+        prefix = u_ids[:1, start:start + c]
+        decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
+                position_ids=torch.arange(c, device=prefix.device).unsqueeze(0), **{kw: prefix_cache})
+    if len(buckets) == 1:
+        if c:
+            cache.batch_select_indices(torch.zeros(U, dtype=torch.long, device=u_ids.device))
+        out = _suffix_pass(decoder, kw, cache, u_ids, lengths, c, S)
+        z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)  # / T inside pick_tokens
+        del out  # the prompt's hidden states: only the cache is needed from here
+    else:
+        z = _bucketed_prefill(decoder, lm_head, config, text_config, kw, cache, prefix_cache if c else None,
+                              u_ids, lengths, c, S, buckets)
+    return cache, z, _window_mask(lengths, c, S)
+
+
+def _window_mask(lengths: torch.Tensor, c: int, width: int) -> torch.Tensor:
+    """[rows, c + width] column mask: the shared prefix, then each row's suffix right-aligned."""
+    suffix = (torch.arange(width, device=lengths.device) >= (width - (lengths - c)).unsqueeze(1)).long()
+    return torch.cat([suffix.new_ones(len(lengths), c), suffix], 1)
+
+
+def _suffix_pass(decoder, kw: str, cache, ids: torch.Tensor, lengths: torch.Tensor, c: int, width: int):
+    """The decoder over the last ``width`` columns of left-padded ``ids`` (each row's tokens after
+    the shared prefix, right-aligned), on a cache that already holds the prefix's c columns."""
+    m = _window_mask(lengths, c, width)
+    return decoder(input_ids=ids[:, ids.shape[1] - width:], attention_mask=m, use_cache=True,
+                   position_ids=(m.cumsum(-1) - 1).clamp(min=0)[:, c:], **{kw: cache})
+
+
+def _bucketed_prefill(decoder, lm_head, config, text_config, kw, cache, prefix_cache, ids, lengths, c, S,
+                      buckets):
+    """Prefill each bucket of similar-length rows as its own narrow batch, then write every
+    layer's keys/values into ``cache`` as one [rows, heads, c + S, dim] block: the prefix, zeros
+    in the columns a narrower bucket never had (masked: never attended), each row's window
+    right-aligned. Returns the rows' next-token logits."""
+    U = ids.shape[0]
+    z, per_bucket = None, []
+    for rows, width in buckets:
+        bcache = preallocated_cache(config, c + width)
+        if prefix_cache is not None:  # the shared prefix's keys/values, one copy per row
+            for layer, pre in zip(bcache.layers, prefix_cache.layers):
+                layer.update(pre.keys.expand(len(rows), -1, -1, -1), pre.values.expand(len(rows), -1, -1, -1))
+        out = _suffix_pass(decoder, kw, bcache, ids[rows], lengths[rows], c, width)
+        zb = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)
+        del out
+        if z is None:
+            z = zb.new_empty(U, zb.shape[-1])
+        z[rows] = zb
+        per_bucket.append((rows, width, bcache))
+    for i, layer in enumerate(cache.layers):
+        k0, v0 = per_bucket[0][2].layers[i].keys, per_bucket[0][2].layers[i].values
+        k = k0.new_zeros(U, k0.shape[1], c + S, k0.shape[-1])
+        v = v0.new_zeros(U, v0.shape[1], c + S, v0.shape[-1])
+        for rows, width, bcache in per_bucket:
+            bk, bv = bcache.layers[i].keys, bcache.layers[i].values
+            k[rows, :, :c], v[rows, :, :c] = bk[:, :, :c], bv[:, :, :c]
+            k[rows, :, c + S - width:], v[rows, :, c + S - width:] = bk[:, :, c:], bv[:, :, c:]
+        layer.update(k, v)
+        for _rows, _width, bcache in per_bucket:  # free as we go: one layer's copy at a time
+            bcache.layers[i] = None
+    return z
 
 
 _MIN_SHARED_PREFIX = 4  # tokens: below this a separate prefix pass saves less than it costs
@@ -267,14 +339,62 @@ def _prefill_plan(input_ids: torch.Tensor, mask: torch.Tensor):
     return u_ids, u_mask, inverse, (c if c >= _MIN_SHARED_PREFIX else 0)
 
 
+_MAX_BUCKETS = 4  # prefill calls per sampling call, at most
+_BUCKET_CALL_COST = 64  # token positions charged per extra prefill call (its fixed cost)
+_MIN_BUCKET_SAVING = 0.9  # split only when it leaves <= 90% of one padded batch's cost
+_MAX_DP_LENGTHS = 64  # candidate group boundaries the bucketing considers, at most
+
+
+def length_buckets(suffix_lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """Split rows into <= _MAX_BUCKETS groups of similar length, each prefilled as its own
+    left-padded batch: [(row indices, the group's width)], widest first. Chosen to minimise the
+    padded positions (rows x width, summed over groups) plus _BUCKET_CALL_COST per extra call, by
+    dynamic programming over the distinct lengths; one group when splitting does not pay."""
+    lengths = suffix_lengths.tolist()
+    distinct = sorted(set(lengths))
+    if len(distinct) > _MAX_DP_LENGTHS:  # group boundaries only at quantiles: the DP stays O(64^2)
+        step = len(distinct) / _MAX_DP_LENGTHS
+        distinct = sorted({distinct[int((i + 1) * step) - 1] for i in range(_MAX_DP_LENGTHS)} | {distinct[-1]})
+    count = {n: 0 for n in distinct}
+    for n in lengths:
+        count[distinct[bisect.bisect_left(distinct, n)]] += 1  # the smallest boundary >= n
+    D = len(distinct)
+    rows_upto = [0] * (D + 1)  # rows_upto[j]: rows with length among the first j distinct lengths
+    for j, n in enumerate(distinct):
+        rows_upto[j + 1] = rows_upto[j] + count[n]
+    inf = float("inf")
+    # best[k][j]: least cost of the first j distinct lengths in k groups; a group (i, j] has width distinct[j-1]
+    best = [[inf] * (D + 1) for _ in range(_MAX_BUCKETS + 1)]
+    cut = [[0] * (D + 1) for _ in range(_MAX_BUCKETS + 1)]
+    best[0][0] = 0.0
+    for k in range(1, _MAX_BUCKETS + 1):
+        for j in range(1, D + 1):
+            for i in range(k - 1, j):
+                cost = best[k - 1][i] + (rows_upto[j] - rows_upto[i]) * distinct[j - 1] + _BUCKET_CALL_COST
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, _MAX_BUCKETS + 1), key=lambda kk: best[kk][D])
+    if best[k][D] > _MIN_BUCKET_SAVING * best[1][D]:
+        k = 1  # splitting saves too little to be worth the extra calls
+    bounds, j = [], D
+    while k > 0:
+        i = cut[k][j]
+        bounds.append((distinct[i - 1] if i > 0 else -1, distinct[j - 1]))  # lengths in (lo, hi]
+        j, k = i, k - 1
+    out = []
+    for lo, hi in bounds:  # widest first
+        rows = ((suffix_lengths > lo) & (suffix_lengths <= hi)).nonzero().squeeze(-1)
+        out.append((rows, hi))
+    return out
+
+
 def prefill_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """Token positions the sampler's prefill pushes through the decoder for these left-padded
-    prompts (padding included): each distinct prompt once, a shared prefix once. ``generate``
-    pushes every row's every column."""
+    prompts (padding included): each distinct prompt once, a shared prefix once, rows in groups of
+    similar length. ``generate`` pushes every row's every column."""
     u_ids, u_mask, _inverse, c = _prefill_plan(input_ids, attention_mask.long())
-    if c == 0:
-        return u_ids.numel()
-    return c + u_ids.shape[0] * (int(u_mask.sum(1).max()) - c)
+    suffix = u_mask.sum(1) - c
+    return c + sum(len(rows) * width for rows, width in length_buckets(suffix))
 
 
 @torch.no_grad()

@@ -112,7 +112,10 @@ def test_eager_and_compiled_decode_give_the_same_tokens(bb):
     assert torch.equal(eager.tokens, fallback.tokens)
 
 
-def test_finished_rows_leave_the_batch(bb):
+def test_finished_rows_leave_the_batch(bb, monkeypatch):
+    import rlfuse.engine.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "_MAX_BUCKETS", 1)  # one prefill call: the hook counts decode rows after it
     tok = bb.tokenizer
     ids, attn = pad([p.input_ids for p in _prompts(tok)], tok.pad_token_id, side="left")
     args = (bb.decoder, bb.lm_head, bb.base.config, ids, attn)
@@ -182,6 +185,22 @@ def test_empty_and_too_long_prompts_get_a_clear_error(bb):
     assert math.isfinite(n_ctx)
 
 
+def _sample_recording_calls(bb, ids, attn, **kw):
+    """``sample``'s output and the input_ids shape of every decoder call it made."""
+    calls = []
+    hook = bb.decoder.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)),
+                                                with_kwargs=True)
+    try:
+        return sample(bb, ids, attn, **kw), calls
+    finally:
+        hook.remove()
+
+
+def _prefill_calls(shapes):
+    """The decoder calls of a prefill: those before the first one-token (decode) call."""
+    return [tuple(x) for x in shapes[:next(i for i, x in enumerate(shapes) if x[1] == 1)]]
+
+
 def test_samples_of_one_prompt_share_one_prefill(bb):
     prompts = _prompts(bb.tokenizer)
     prefill_rows = []
@@ -190,9 +209,10 @@ def test_samples_of_one_prompt_share_one_prefill(bb):
         ro = generate_rollout(bb, prompts, n_samples=3, max_new_tokens=2, seed=4)
     finally:
         hook.remove()
-    assert prefill_rows[0][0] == len(prompts) and len(ro) == 3 * len(prompts)  # 4 prefilled rows serve 12
+    prefill = _prefill_calls(prefill_rows)
+    assert sum(r for r, _w in prefill) == len(prompts) and len(ro) == 3 * len(prompts)  # 4 prefilled rows serve 12
     ids, attn = pad([p.input_ids for p in prompts for _ in range(3)], bb.tokenizer.pad_token_id, side="left")
-    assert prefill_tokens(ids, attn) == prefill_rows[0][0] * prefill_rows[0][1]  # no shared prefix here
+    assert prefill_tokens(ids, attn) == sum(r * w for r, w in prefill)  # no shared prefix here
     sampled = ro.sample_logp.clone()  # ...and the expanded cache scores like a per-row prefill
     score_rollout(bb, ro, reward_fn=_zero_reward, with_values=False)
     torch.testing.assert_close(ro.logp, sampled, atol=2e-5, rtol=1e-5)
@@ -222,21 +242,59 @@ def test_a_common_prefix_is_prefilled_once_with_the_same_result(bb, monkeypatch,
     c = sampler_mod.common_prefix_len(ids, attn.long())
     assert c >= 20 and c < int(attn.sum(1).min())  # the system turn, and each row keeps a suffix
     keys = [(3, 0, i, 0) for i in range(len(ids))]
-    calls = []
-    hook = bb.decoder.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)),
-                                                with_kwargs=True)
-    try:
-        shared = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.9)
-    finally:
-        hook.remove()
-    assert calls[0] == (1, c) and calls[1][0] == len(ids)  # the prefix once, then the suffixes
+    shared, calls = _sample_recording_calls(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.9)
+    prefill = _prefill_calls(calls)
+    assert prefill[0] == (1, c) and sum(r for r, _w in prefill[1:]) == len(ids)  # the prefix once, then the suffixes
     # prefill_tokens (what the benchmarks count as the prefill's work) = what the decoder got
-    assert sampler_mod.prefill_tokens(ids, attn) == c + calls[1][0] * calls[1][1]
-    monkeypatch.setattr(sampler_mod, "_MIN_SHARED_PREFIX", 10 ** 9)  # the plain prefill
+    assert sampler_mod.prefill_tokens(ids, attn) == c + sum(r * w for r, w in prefill[1:])
+    monkeypatch.setattr(sampler_mod, "_MIN_SHARED_PREFIX", 10 ** 9)  # the plain prefill: one padded batch
+    monkeypatch.setattr(sampler_mod, "_MAX_BUCKETS", 1)
     assert sampler_mod.prefill_tokens(ids, attn) == ids.numel()
     plain = sample(bb, ids, attn, max_new_tokens=8, row_keys=keys, temperature=0.9)
     assert torch.equal(shared.tokens, plain.tokens)
     torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=2e-5, rtol=1e-5)
+
+
+def test_length_buckets_cover_every_row_once_in_at_most_max_buckets():
+    import rlfuse.engine.sampler as sampler_mod
+
+    lengths = torch.tensor([3, 50, 3, 49, 17, 3, 50, 16, 2])
+    buckets = sampler_mod.length_buckets(lengths)
+    assert 1 < len(buckets) <= sampler_mod._MAX_BUCKETS
+    rows = torch.cat([r for r, _w in buckets])
+    assert sorted(rows.tolist()) == list(range(len(lengths)))  # every row, once
+    for r, width in buckets:
+        assert int(lengths[r].max()) == width  # a bucket is as wide as its longest row
+    assert [w for _r, w in buckets] == sorted((w for _r, w in buckets), reverse=True)
+    assert len(sampler_mod.length_buckets(torch.tensor([7, 7, 7]))) == 1
+    assert len(sampler_mod.length_buckets(torch.tensor([20, 21, 22, 23]))) == 1  # too little to save
+
+
+@pytest.mark.parametrize("system", [False, True], ids=["no-shared-prefix", "shared-prefix"])
+def test_prefill_in_length_buckets_gives_the_same_completions(bb, monkeypatch, system):
+    """Prompts of very different lengths, prefilled in buckets (the cache assembled from several
+    narrow passes, zeros in the columns a bucket never had) or as one padded batch: same tokens,
+    same log-probs up to rounding."""
+    import rlfuse.engine.sampler as sampler_mod
+
+    tok = bb.tokenizer
+    texts = ("hi", "a b", "count the letters of this rather long sentence, one by one, twice over please",
+             "ok", "what is two plus two, and then what is that times three")
+    prompts = _system_prompts(tok, texts) if system else _prompts(tok, texts)
+    ids, attn = pad([p.input_ids for p in prompts], tok.pad_token_id, side="left")
+    keys = [(5, 1, i, 0) for i in range(len(ids))]
+    monkeypatch.setattr(sampler_mod, "_BUCKET_CALL_COST", 0)
+    monkeypatch.setattr(sampler_mod, "_MIN_BUCKET_SAVING", 1.0)
+    c = sampler_mod.common_prefix_len(ids, attn.long())
+    c = c if c >= sampler_mod._MIN_SHARED_PREFIX else 0  # the chat template's own opening may be shared
+    assert (c >= 20) == system and len(sampler_mod.length_buckets(attn.sum(1) - c)) > 1
+    bucketed, calls = _sample_recording_calls(bb, ids, attn, max_new_tokens=6, row_keys=keys, temperature=0.8)
+    suffix_calls = _prefill_calls(calls)[1 if c else 0:]
+    assert len(suffix_calls) > 1 and sampler_mod.prefill_tokens(ids, attn) < ids.numel()
+    monkeypatch.setattr(sampler_mod, "_MAX_BUCKETS", 1)
+    padded = sample(bb, ids, attn, max_new_tokens=6, row_keys=keys, temperature=0.8)
+    assert torch.equal(bucketed.tokens, padded.tokens)
+    torch.testing.assert_close(bucketed.logprobs, padded.logprobs, atol=2e-5, rtol=1e-5)
 
 
 def test_shared_prefix_rollouts_score_as_sampled_and_do_not_depend_on_the_batch(bb):
