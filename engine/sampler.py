@@ -391,8 +391,11 @@ def length_buckets(suffix_lengths: torch.Tensor) -> list[tuple[torch.Tensor, int
 def prefill_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
     """Token positions the sampler's prefill pushes through the decoder for these left-padded
     prompts (padding included): each distinct prompt once, a shared prefix once, rows in groups of
-    similar length. ``generate`` pushes every row's every column."""
+    similar length (models whose layers all use full attention; others prefill one padded batch).
+    ``generate`` pushes every row's every column."""
     u_ids, u_mask, _inverse, c = _prefill_plan(input_ids, attention_mask.long())
+    if not _left_padded(u_mask):
+        return u_ids.numel()
     suffix = u_mask.sum(1) - c
     return c + sum(len(rows) * width for rows, width in length_buckets(suffix))
 
