@@ -99,6 +99,10 @@ def check_request(input_ids, attention_mask, *, max_new_tokens: int, temperature
     lengths = attention_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError(f"sampler: prompt {int((lengths == 0).nonzero()[0])} is empty (no unmasked token)")
+    if not _left_padded(attention_mask):
+        bad = int(((attention_mask[:, 1:] < attention_mask[:, :-1]).any(1)).nonzero()[0])
+        raise ValueError(f"sampler: prompt {bad} is not left-padded (its attention_mask must read 0...0 1...1: "
+                         "each row's next token follows its last column; tokenizer.padding_side = \"left\")")
     longest = int(lengths.max())
     if max_positions is not None and longest + max_new_tokens > max_positions:
         raise ValueError(f"sampler: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
@@ -228,15 +232,8 @@ def _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tok
     different lengths are prefilled in buckets and their keys/values assembled into one cache."""
     kw = cache_kwarg(decoder)
     u_ids, u_mask, inverse, c = _prefill_plan(input_ids, mask)
-    if not _left_padded(u_mask):  # holes or right padding: one pass over the prompts as given
-        cache = preallocated_cache(config, u_ids.shape[1] + max_new_tokens)
-        out = decoder(input_ids=u_ids, attention_mask=u_mask, position_ids=(u_mask.cumsum(-1) - 1).clamp(min=0),
-                      use_cache=True, **{kw: cache})
-        z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)  # / T inside pick_tokens
-        del out
-    else:
-        cache, z, u_mask = _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mask, c,
-                                                input_ids.shape[1], max_new_tokens)
+    cache, z, u_mask = _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mask, c,
+                                            input_ids.shape[1], max_new_tokens)
     if inverse is not None:
         cache.batch_select_indices(inverse)
         z, u_mask = z[inverse], u_mask[inverse]
@@ -394,8 +391,6 @@ def prefill_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int
     similar length (models whose layers all use full attention; others prefill one padded batch).
     ``generate`` pushes every row's every column."""
     u_ids, u_mask, _inverse, c = _prefill_plan(input_ids, attention_mask.long())
-    if not _left_padded(u_mask):
-        return u_ids.numel()
     suffix = u_mask.sum(1) - c
     return c + sum(len(rows) * width for rows, width in length_buckets(suffix))
 

@@ -185,6 +185,19 @@ def test_empty_and_too_long_prompts_get_a_clear_error(bb):
     assert math.isfinite(n_ctx)
 
 
+@pytest.mark.parametrize("side", ["right", "hole"])
+def test_prompts_that_are_not_left_padded_get_a_clear_error(bb, side):
+    """The first new token is read at each row's last column, so a right-padded row (or a hole)
+    would sample from a pad position: refused, naming the row."""
+    ids, attn = pad([p.input_ids for p in _prompts(bb.tokenizer)], bb.tokenizer.pad_token_id,
+                    side="right" if side == "right" else "left")
+    if side == "hole":
+        attn[0, -3] = 0
+    bad = 0 if side == "hole" else int((attn.sum(1) < attn.shape[1]).nonzero()[0])
+    with pytest.raises(ValueError, match=rf"prompt {bad} is not left-padded"):
+        sample(bb, ids, attn, max_new_tokens=2, row_keys=[(0,)] * len(ids))
+
+
 def _sample_recording_calls(bb, ids, attn, **kw):
     """``sample``'s output and the input_ids shape of every decoder call it made."""
     calls = []
