@@ -104,7 +104,7 @@ def _runner(engine: str, model, tok, compile_: bool):
     return run
 
 
-def _prefill_plan(engine: str, ids, attn) -> tuple[int, int]:
+def _prefill_work(engine: str, ids, attn) -> tuple[int, int]:
     """(token positions one call prefills, padding included; rows the LM head sees there):
     ``generate`` pushes every row's every column, the sampler ``prefill_tokens``."""
     import torch
@@ -126,7 +126,7 @@ def _matmul_floor(model, engine: str, ids, attn, new_tokens: int) -> tuple[float
 
     weights = [m.weight for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings().weight
-    prefill, head_rows = _prefill_plan(engine, ids, attn)
+    prefill, head_rows = _prefill_work(engine, ids, attn)
     B = ids.shape[0]
 
     def one_pass(rows: int, lm_rows: int) -> float:

@@ -61,23 +61,23 @@ def main(argv=None) -> int:
     default_buckets = sampler._MAX_BUCKETS
     modes = {"buckets": default_buckets, "one_batch": 1}
     times: dict[str, list[float]] = {m: [] for m in modes}
-    tokens = {}
+    tokens, positions = {}, {}
     run()  # warm-up
     for r in range(a.repeats):
         for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
             sampler._MAX_BUCKETS = modes[mode]
+            positions[mode] = sampler.prefill_tokens(ids, attn)
             t0 = time.perf_counter()
             tokens[mode] = run().tokens
             times[mode].append(time.perf_counter() - t0)
     sampler._MAX_BUCKETS = default_buckets
     same = bool(torch.equal(tokens["buckets"], tokens["one_batch"]))
-    u_ids, u_mask, _inv, c = sampler._prefill_plan(ids, attn.long())
+    _u_ids, u_mask, _inv, c = sampler._prefill_plan(ids, attn.long())
     med = {m: statistics.median(v) for m, v in times.items()}
     result = {"model": a.model, "batch": a.batch, "new_tokens": a.new_tokens, "threads": a.threads,
               "machine": _machine(), "prompt_lengths": sorted(attn.sum(1).tolist()),
               "buckets": [(len(rows), width) for rows, width in sampler.length_buckets(u_mask.sum(1) - c)],
-              "prefill_positions": {"buckets": sampler.prefill_tokens(ids, attn),
-                                    "one_batch": c + u_ids.shape[0] * (int(u_mask.sum(1).max()) - c)},
+              "prefill_positions": positions,
               "seconds": times, "median_s": med, "speedup": med["one_batch"] / med["buckets"],
               "same_tokens": same, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(a.out)

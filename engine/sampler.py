@@ -99,8 +99,9 @@ def check_request(input_ids, attention_mask, *, max_new_tokens: int, temperature
     lengths = attention_mask.sum(1)
     if (lengths == 0).any():
         raise ValueError(f"sampler: prompt {int((lengths == 0).nonzero()[0])} is empty (no unmasked token)")
-    if not _left_padded(attention_mask):
-        bad = int(((attention_mask[:, 1:] < attention_mask[:, :-1]).any(1)).nonzero()[0])
+    not_left_padded = _rows_not_left_padded(attention_mask)
+    if not_left_padded.any():
+        bad = int(not_left_padded.nonzero()[0])
         raise ValueError(f"sampler: prompt {bad} is not left-padded (its attention_mask must read 0...0 1...1: "
                          "each row's next token follows its last column; tokenizer.padding_side = \"left\")")
     longest = int(lengths.max())
@@ -207,10 +208,15 @@ class _DecodeStep:
         return self._eager(ids, attention_mask, position_ids, cache)
 
 
+def _rows_not_left_padded(mask: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the row's mask is not 0...0 1...1 (right padding, a hole)."""
+    return (mask[:, 1:] < mask[:, :-1]).any(1)
+
+
 def common_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
     """Length of the longest run of real tokens that starts every row of left-padded ``ids``
     (0 unless every mask row is 0...0 1...1), capped so each row keeps >= 1 token after it."""
-    if ids.shape[0] < 2 or not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+    if ids.shape[0] < 2 or bool(_rows_not_left_padded(mask).any()):
         return 0
     lengths = mask.sum(1)
     shortest, P = int(lengths.min()), ids.shape[1]
@@ -232,31 +238,16 @@ def _prefill(decoder, lm_head, config, text_config, input_ids, mask, max_new_tok
     different lengths are prefilled in buckets and their keys/values assembled into one cache."""
     kw = cache_kwarg(decoder)
     u_ids, u_mask, inverse, c = _prefill_plan(input_ids, mask)
-    cache, z, u_mask = _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mask, c,
-                                            input_ids.shape[1], max_new_tokens)
-    if inverse is not None:
-        cache.batch_select_indices(inverse)
-        z, u_mask = z[inverse], u_mask[inverse]
-    return cache, z, u_mask
-
-
-def _left_padded(mask: torch.Tensor) -> bool:
-    return bool((mask[:, 1:] >= mask[:, :-1]).all())
-
-
-def _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mask, c: int, P: int,
-                         max_new_tokens: int):
-    """(cache, logits, column mask) of distinct left-padded prompts: the shared prefix once, then
-    the suffixes, in one padded batch or in buckets of similar length (``length_buckets``)."""
     U, lengths = u_ids.shape[0], u_mask.sum(1)
     S = int(lengths.max()) - c  # the widest suffix (the whole prompt when nothing is shared)
     cache = preallocated_cache(config, c + S + max_new_tokens)
     buckets = length_buckets(lengths - c)
     if len(buckets) > 1 and any(type(layer) is not _preallocated_layer_class() for layer in cache.layers):
         buckets = [(torch.arange(U, device=u_ids.device), S)]  # sliding-window layers...: one padded batch
-    prefix_cache = cache if len(buckets) == 1 else preallocated_cache(config, c)
-    if c:
-        start = P - int(lengths[0])
+    prefix_cache = None
+    if c:  # one bucket: straight into the cache, expanded below; several: a cache of its own
+        prefix_cache = cache if len(buckets) == 1 else preallocated_cache(config, c)
+        start = input_ids.shape[1] - int(lengths[0])
         prefix = u_ids[:1, start:start + c]
         decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True,
                 position_ids=torch.arange(c, device=prefix.device).unsqueeze(0), **{kw: prefix_cache})
@@ -267,9 +258,13 @@ def _left_padded_prefill(decoder, lm_head, config, text_config, kw, u_ids, u_mas
         z = final_logits(out.last_hidden_state[:, -1], lm_head, text_config, 1.0)  # / T inside pick_tokens
         del out  # the prompt's hidden states: only the cache is needed from here
     else:
-        z = _bucketed_prefill(decoder, lm_head, config, text_config, kw, cache, prefix_cache if c else None,
-                              u_ids, lengths, c, S, buckets)
-    return cache, z, _window_mask(lengths, c, S)
+        z = _bucketed_prefill(decoder, lm_head, config, text_config, kw, cache, prefix_cache, u_ids, lengths,
+                              c, S, buckets)
+    u_mask = _window_mask(lengths, c, S)
+    if inverse is not None:
+        cache.batch_select_indices(inverse)
+        z, u_mask = z[inverse], u_mask[inverse]
+    return cache, z, u_mask
 
 
 def _window_mask(lengths: torch.Tensor, c: int, width: int) -> torch.Tensor:

@@ -17,18 +17,23 @@ from rlfuse.engine import distributed as D
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 
 
+def run_job(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run a multi-process job. Gloo's worker threads now and then abort a rank while the process
+    group is torn down at exit ("terminate called without an active exception";
+    pytorch/pytorch#190489, #179291), after every collective has returned: on that signature
+    only, the whole job runs once more, never a pass without a clean run."""
+    for _attempt in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            return proc
+    return proc
+
+
 def torchrun(script: str, *args, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(SCRIPTS / script), *map(str, args)]
-    for _attempt in range(2):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        # Gloo's worker threads now and then abort a rank while the process group is torn down at
-        # exit ("terminate called without an active exception"; pytorch/pytorch#190489, #179291),
-        # after every collective has returned: one rerun of the whole job, never a pass without one
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
-            return proc
-    return proc
+    return run_job(cmd, env, timeout)
 
 
 def test_single_process_helpers_are_identities():
@@ -78,14 +83,7 @@ def rlfuse(*args, nproc: int | None = None, env=None, timeout: int = 600) -> sub
     if nproc is not None:
         cmd += ["--nproc-per-node", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    for _attempt in range(2):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        # Gloo's worker threads now and then abort a rank while the process group is torn down at
-        # exit ("terminate called without an active exception"; pytorch/pytorch#190489, #179291),
-        # after every collective has returned: one rerun of the whole job, never a pass without one
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
-            return proc
-    return proc
+    return run_job(cmd, env, timeout)
 
 
 def final_adapter(run_dir: Path, stage: str) -> dict:
