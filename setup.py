@@ -14,6 +14,8 @@ import sys
 import warnings
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 PACKAGE_DIR = {
     "rlfuse.kernels": "kernels",
@@ -23,12 +25,22 @@ PACKAGE_DIR = {
 }
 
 
+# The mapped root folders (kernels/, engine/, benchmarks/) hold no __init__.py: from the repository
+# root (the current directory is sys.path[0] under `python -m` and `python -c`) a regular package
+# named `kernels` there would shadow Hugging Face's `kernels`, which transformers imports, and
+# `engine`/`benchmarks` would shadow any installed package of those names. A folder without an
+# __init__.py loses to an installed regular package (PEP 420). Each root's package init lives in
+# ROOT_INIT and is installed as that package's __init__.py.
+ROOT_INIT = "_package_init.py"
+
+
 def _packages():
-    """Every folder with an __init__.py under the mapped roots, named on the namespace."""
+    """Every package folder under the mapped roots, named on the namespace."""
     found = []
     for name, root in PACKAGE_DIR.items():
         for dirpath, _dirs, files in os.walk(root):
-            if "__init__.py" not in files or "__pycache__" in dirpath:
+            is_package = "__init__.py" in files or (dirpath == root and ROOT_INIT in files)
+            if not is_package or "__pycache__" in dirpath:
                 continue
             rel = os.path.relpath(dirpath, root)
             pkg = name if rel == "." else name + "." + rel.replace(os.sep, ".")
@@ -92,7 +104,40 @@ def _extensions():
     return exts, {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
+class BuildPyRootInit(build_py):
+    """Install each mapped root's ROOT_INIT as its package's __init__.py (and not under its own
+    name). The output mapping keeps pointing at the source file, so a strict editable install
+    links it instead of copying it: edits show at once."""
+
+    @staticmethod
+    def _root_init(package, package_dir):
+        path = os.path.join(package_dir, ROOT_INIT)
+        return path if package in PACKAGE_DIR and os.path.isfile(path) else None
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        root_init = self._root_init(package, package_dir)
+        if root_init:
+            modules = [m for m in modules if m[1] != ROOT_INIT[:-3]] + [(package, "__init__", root_init)]
+        return modules
+
+    def check_package(self, package, package_dir):
+        return self._root_init(package, package_dir) or super().check_package(package, package_dir)
+
+
+class StrictEditableWheel(editable_wheel):
+    """Editable installs as a link tree (setuptools' "strict" mode): the default "lenient" finder
+    maps rlfuse.kernels straight onto kernels/ and looks for kernels/__init__.py there, which
+    must not exist (see ROOT_INIT). The link tree holds the installed layout, each file a link
+    to its source; a new source file needs `pip install -e .` again."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.mode = "strict"
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyRootInit, "editable_wheel": StrictEditableWheel}
 
 setup(
     package_dir=PACKAGE_DIR,

@@ -6,18 +6,18 @@
     loss, stats = K.ppo_loss(logp, old_logp, adv, mask, clip_eps=0.2)
 
 Importing this package needs only torch; it never imports rlfuse.engine.
+
+This file is the package's ``__init__.py`` once installed (setup.py installs it under that name).
+The source folder has no ``__init__.py`` on purpose: run from the repository root, a regular
+package ``kernels/`` would shadow Hugging Face's ``kernels`` (which transformers imports).
 """
 
-if __name__ == "rlfuse.kernels":
-    from .dispatch import available_backends, current_backend, unavailable_reasons, use_backend
-    from .gae import gae
-    from .linear_logprobs import linear_logprobs
-    from .logprobs import logprobs_from_logits
-    from .ppo_loss import ppo_loss
-    from .whiten import masked_whiten
-# else: this folder was imported as a top-level ``kernels`` (transformers and bitsandbytes probe
-# for Hugging Face's package of that name and find it when the repo root is on sys.path). Stay
-# an empty module with no version, so they conclude "not installed" and no op registers twice.
+from .dispatch import available_backends, current_backend, unavailable_reasons, use_backend
+from .gae import gae
+from .linear_logprobs import linear_logprobs
+from .logprobs import logprobs_from_logits
+from .ppo_loss import ppo_loss
+from .whiten import masked_whiten
 
 __all__ = [
     "available_backends",
