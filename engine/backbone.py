@@ -27,7 +27,7 @@ from torch import nn
 
 import rlfuse.kernels as K
 
-from .config import ModelConfig, resolve_device
+from .config import ModelConfig, check_lora_targets, resolve_device
 from .heads import ScalarHead, gather_last
 from .lm_head_options import lm_head_logit_options
 
@@ -40,9 +40,15 @@ class _DropMissingCpuKernelNotice(logging.Filter):
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMissingCpuKernelNotice())
 
-DEFAULT_CHAT_TEMPLATE = (  # for base models whose tokenizer has none
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
+# For base models whose tokenizer has none. The generation prompt is exactly the text before an
+# answer's content in the full rendering ("Assistant:\n"), so prompt tokens + answer tokens are
+# the tokens of the whole chat: SFT, the reward model and PPO all see one layout. (A prompt ending
+# "Assistant:" before "Assistant: {content}" taught SFT a leading space that the reward model,
+# reading prompt + response tokens, never saw.) A newline, not a space, ends the role so that
+# byte-level BPE tokenizers split there whether the answer is encoded alone or in the chat.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}:\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:\n{% endif %}"
 )
 
 
@@ -71,6 +77,11 @@ class Backbone:
         self.base = model.get_base_model()  # the CausalLM, LoRA layers injected
         self.decoder = self.base.get_decoder()  # the CausalLM without its LM head
         self.lm_head = self.base.get_output_embeddings()
+        from peft.tuners.lora import LoraLayer
+
+        if isinstance(self.lm_head, LoraLayer):  # a name check_lora_targets does not know
+            raise ValueError("model.lora_target_modules: the model's output layer got a LoRA adapter; that is not "
+                             "supported (the fused log-prob head reads its base weight), drop it from the list")
         self.logit_options = lm_head_logit_options(self.base.config)  # soft-cap / scale of the model's own head
         self.value_head = ScalarHead(hidden_size).to(self.device)
         self.reward_head = ScalarHead(hidden_size).to(self.device)
@@ -354,6 +365,7 @@ def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=("policy",
     adapters = list(adapters)
     if not adapters:
         raise ValueError("load_backbone needs at least one adapter name")
+    check_lora_targets(cfg.lora_target_modules)  # before the (long) model load
     device = resolve_device(device)
     dtype = _resolve_dtype(cfg.dtype, device)
     quant = cfg.quantization

@@ -362,6 +362,24 @@ def _get(cfg, dotted: str):
 _MISSING = object()
 
 
+# Names of the output layer in transformers' causal LMs. LoRA there would make the sampler
+# (which calls the head module, LoRA included) and scoring/training (which read the head's base
+# weight through the fused log-prob kernel) use different heads: PPO would train off-policy.
+OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output_layer")
+
+
+def check_lora_targets(targets: str) -> None:
+    if not isinstance(targets, str) or targets == "all-linear":  # peft's all-linear skips the output layer
+        return
+    names = [t.strip() for t in targets.split(",")]
+    if not all(names):
+        raise _bad("model.lora_target_modules", targets, "must be all-linear or a comma list of module names")
+    bad = [n for n in names if n.rsplit(".", 1)[-1] in OUTPUT_LAYER_NAMES]
+    if bad:
+        raise ValueError(f"config key 'model.lora_target_modules': {bad[0]!r} is the output layer; LoRA on it "
+                         "is not supported (the fused log-prob head reads its base weight), drop it from the list")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Reject out-of-range numbers and unknown choices, naming the key and the value."""
     for rule, keys in _CHECKS.items():
@@ -373,6 +391,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             if not test(value):
                 raise _bad(key, value, need)
     check_device_name(cfg.device)
+    check_lora_targets(cfg.model.lora_target_modules)
     if cfg.nonfinite not in ("error", "skip"):
         raise _bad("nonfinite", cfg.nonfinite, "must be 'error' or 'skip'")
     return cfg

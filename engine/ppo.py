@@ -231,6 +231,37 @@ def critic_values(backbone, input_ids, attention_mask, prompt_len: int) -> torch
     return backbone.value_head(hidden)
 
 
+class AdapterTape:
+    """Forwards of one micro-batch, each under its adapter, and their backward under the same one.
+
+    With gradient checkpointing, backward recomputes each layer, and peft's LoRA layers read the
+    adapter active at THAT moment: a critic forward under ``value`` whose backward ran under
+    ``policy`` got the policy's LoRA in its recompute and wrong gradients. So every forward's
+    outputs are cut from the loss at detached leaves; ``backward`` runs the loss's own graph (no
+    model in it), then each forward's graph under the adapter it ran with."""
+
+    def __init__(self, backbone):
+        self.backbone, self.graphs = backbone, []
+
+    def forward(self, adapter, fn, *args, **kwargs):
+        with self.backbone.use(adapter):
+            out = fn(*args, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        leaves = tuple(o.detach().requires_grad_(o.requires_grad) if o is not None else None for o in outs)
+        self.graphs.append((adapter, outs, leaves))
+        return leaves if isinstance(out, tuple) else leaves[0]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # as far as the leaves: K.ppo_loss's graph only
+        for adapter, outs, leaves in self.graphs:
+            pairs = [(o, leaf.grad) for o, leaf in zip(outs, leaves)
+                     if o is not None and o.requires_grad and leaf.grad is not None]
+            if pairs:
+                with self.backbone.use(adapter):
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        self.graphs.clear()
+
+
 @torch.no_grad()
 def score_critic(backbone, ro, batch_size: int = 32) -> None:
     """Fill ``ro.values`` from the ``value`` adapter (score_rollout reads the policy's forward)."""
@@ -317,12 +348,13 @@ def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_co
                 # minibatch loss, so the summed gradients are the one-big-batch gradient
                 m_share = _agg_weight(ro.response_mask[m_idx], c.loss_agg) / weight if weight else 1.0 / len(micros)
                 m_tokens = ro.response_mask[m_idx].sum().item()
-                with backbone.use(POLICY):
-                    logp, entropy, values = policy_outputs(backbone, ro.input_ids[m_idx], ro.attention_mask[m_idx],
-                                                           ro.prompt_len, temperature=c.temperature,
-                                                           with_values=critic and not own_critic)
+                tape = AdapterTape(backbone)
+                logp, entropy, values = tape.forward(
+                    POLICY, policy_outputs, backbone, ro.input_ids[m_idx], ro.attention_mask[m_idx], ro.prompt_len,
+                    temperature=c.temperature, with_values=critic and not own_critic)
                 if own_critic:  # one more forward (and backward) through the value adapter
-                    values = critic_values(backbone, ro.input_ids[m_idx], ro.attention_mask[m_idx], ro.prompt_len)
+                    values = tape.forward(VALUE, critic_values, backbone, ro.input_ids[m_idx],
+                                          ro.attention_mask[m_idx], ro.prompt_len)
                 if reuse_forward:
                     if ro.logp is None:
                         ro.logp, ro.entropy = torch.zeros_like(ro.response_mask), torch.zeros_like(ro.response_mask)
@@ -336,8 +368,8 @@ def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_co
                     entropy_coef=c.entropy_coef, values=values, old_values=ro.values[m_idx] if critic else None,
                     returns=returns[m_idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
                     **agg)
-                (m_loss * (m_share * share if w.distributed else m_share)).backward()
-                del logp, entropy, values  # free this micro-batch's graph outputs before the next forward
+                tape.backward(m_loss * (m_share * share if w.distributed else m_share))
+                del logp, entropy, values, tape  # free this micro-batch's graphs before the next forward
                 loss = loss + m_loss.detach() * m_share
                 if len(micros) == 1:
                     stats = m_stats
