@@ -2,9 +2,10 @@
 
 gae   per-token rewards (k1 KL penalty on every token + the score on the last one), a
       learned value baseline, GAE(gamma, lambda) via K.gae, then masked whitening.
-grpo  no critic: a completion's advantage is its score standardised within its group of
-      n samples of the same prompt, (s - mean) / (std + eps) (std with Bessel's correction,
-      as in DeepSeekMath and TRL), the same on every token.
+grpo  no critic: a completion's advantage is its score minus its group's mean (n samples of
+      the same prompt), divided by ``scale_rewards``: the group's std (DeepSeekMath; Bessel's
+      correction, as TRL), the whole batch's std ("batch"), or nothing ("none", Dr. GRPO: the
+      std division favours prompts that are nearly solved or unsolved), the same on every token.
 rloo  no critic: score minus the mean score of the OTHER n-1 samples of the prompt
       (REINFORCE leave-one-out, Ahmadian et al. 2024), the same on every token.
 
@@ -54,9 +55,16 @@ def _groups(scores: torch.Tensor, n_samples: int) -> torch.Tensor:
     return scores.view(-1, n_samples)
 
 
-def grpo_advantages(scores: torch.Tensor, n_samples: int, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(scores: torch.Tensor, n_samples: int, eps: float = 1e-6, scale: str = "group") -> torch.Tensor:
     g = _groups(scores.float(), n_samples)
-    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(-1)
+    centered = g - g.mean(1, keepdim=True)
+    if scale == "group":
+        return (centered / (g.std(1, keepdim=True) + eps)).reshape(-1)
+    if scale == "batch":  # the std of every score of the global batch (all ranks)
+        return (centered / (D.mean_std(g)[1] + eps)).reshape(-1)
+    if scale == "none":
+        return centered.reshape(-1)
+    raise ValueError(f"ppo.scale_rewards: unknown value {scale!r} (use group, batch or none)")
 
 
 def rloo_advantages(scores: torch.Tensor, n_samples: int) -> torch.Tensor:
@@ -66,7 +74,7 @@ def rloo_advantages(scores: torch.Tensor, n_samples: int) -> torch.Tensor:
 
 
 def compute_advantages(ro, *, estimator: str, n_samples: int, kl_coef: float, kl_in_loss: bool,
-                       gamma: float = 1.0, lam: float = 0.95, whiten: bool = True):
+                       gamma: float = 1.0, lam: float = 0.95, whiten: bool = True, scale_rewards: str = "group"):
     """(advantages [B, R], returns [B, R] or None) for a scored rollout."""
     mask = ro.response_mask
     coef = 0.0 if kl_in_loss else kl_coef  # in-loss KL is applied by K.ppo_loss instead
@@ -79,5 +87,6 @@ def compute_advantages(ro, *, estimator: str, n_samples: int, kl_coef: float, kl
         raise ValueError(f"unknown advantage estimator {estimator!r} (use one of {', '.join(ESTIMATORS)})")
     # coef 0 (KL in the loss): old log-probs are not needed here (they may come from the update's forward)
     seq_reward = ro.scores if coef == 0 else ro.scores - coef * kl_per_token(ro.logp, ro.ref_logp, mask).sum(1)
-    fn = grpo_advantages if estimator == "grpo" else rloo_advantages
-    return fn(seq_reward, n_samples)[:, None] * mask, None
+    if estimator == "grpo":
+        return grpo_advantages(seq_reward, n_samples, scale=scale_rewards)[:, None] * mask, None
+    return rloo_advantages(seq_reward, n_samples)[:, None] * mask, None

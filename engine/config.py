@@ -46,6 +46,9 @@ class SFTConfig:
     batch_size: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at the stage's last step)
+    warmup_steps: int = 0  # linear warm-up from 0 over the first steps (transformers' convention)
     max_grad_norm: float = 1.0
     max_length: int = 512
     # examples per forward + backward; a step accumulates the gradient of its batch_size over
@@ -62,6 +65,9 @@ class RMConfig:
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at the stage's last step)
+    warmup_steps: int = 0  # linear warm-up from 0 over the first steps (transformers' convention)
     max_grad_norm: float = 1.0
     max_length: int = 512
     eval_fraction: float = 0.1  # held-out share of the PROMPTS (their pairs share responses, so never split them)
@@ -92,6 +98,9 @@ class PPOConfig:
     micro_batch_size: int | None = 4  # rows per forward/backward of a minibatch (whole prompt groups; bounds activation memory); null: all
     lr: float = 1e-4
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # AdamW's epsilon
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 at the last PPO iteration)
+    warmup_steps: int = 0  # linear warm-up from 0 over the first iterations (transformers' convention)
     max_grad_norm: float = 1.0
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
@@ -102,6 +111,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True  # gae only; group estimators are already normalised
+    scale_rewards: str = "group"  # grpo: divide by the group's std | batch: the batch's std | none (Dr. GRPO)
     kl_coef: float = 0.05
     kl_in_loss: bool | None = None  # None = auto: True for grpo (DeepSeekMath), else k1 penalty in the reward
     kl_estimator: str = "auto"  # in-loss KL: auto (k3+) | k2 | k3 | k1+ | k3+ (k1 only as a reward penalty)
@@ -337,13 +347,14 @@ _CHECKS = {
                      "ppo.max_steps", "ppo.batch_size", "ppo.n_samples", "ppo.max_prompt_length",
                      "ppo.max_new_tokens", "ppo.ppo_epochs", "ppo.minibatch_size", "ppo.kl_horizon",
                      "ppo.score_batch_size", "ppo.micro_batch_size"],
-    "positive": ["model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
+    "positive": ["sft.adam_eps", "rm.adam_eps", "ppo.adam_eps",
+                 "model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
                  "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.clip_eps_high", "ppo.temperature",
                  "ppo.target_kl"],
     "non_negative": ["sft.weight_decay", "rm.weight_decay", "rm.regression_coef", "ppo.weight_decay",
                      "ppo.value_clip", "ppo.value_coef", "ppo.entropy_coef", "ppo.kl_coef", "ppo.reward_clip",
                      "ppo.missing_eos_penalty"],
-    "count": ["ppo.critic_warmup_steps"],
+    "count": ["ppo.critic_warmup_steps", "sft.warmup_steps", "rm.warmup_steps", "ppo.warmup_steps"],
     "unit": ["ppo.gamma", "ppo.lam"],
     "fraction": ["model.lora_dropout", "rm.eval_fraction"],
     "above_one": ["ppo.dual_clip"],
@@ -361,6 +372,9 @@ def _get(cfg, dotted: str):
 
 _MISSING = object()
 
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SCALE_REWARDS = ("group", "batch", "none")
 
 # Names of the output layer in transformers' causal LMs. LoRA there would make the sampler
 # (which calls the head module, LoRA included) and scoring/training (which read the head's base
@@ -392,6 +406,13 @@ def validate(cfg: RunConfig) -> RunConfig:
                 raise _bad(key, value, need)
     check_device_name(cfg.device)
     check_lora_targets(cfg.model.lora_target_modules)
+    for stage in ("sft", "rm", "ppo"):
+        if getattr(cfg, stage).lr_schedule not in LR_SCHEDULES:
+            raise _bad(f"{stage}.lr_schedule", getattr(cfg, stage).lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}")
+    if cfg.ppo.scale_rewards not in SCALE_REWARDS:
+        raise _bad("ppo.scale_rewards", cfg.ppo.scale_rewards, f"must be one of {', '.join(SCALE_REWARDS)}")
+    if cfg.ppo.scale_rewards != "group" and cfg.ppo.advantage != "grpo":
+        raise _bad("ppo.scale_rewards", cfg.ppo.scale_rewards, "applies to ppo.advantage=grpo only (keep group)")
     if cfg.nonfinite not in ("error", "skip"):
         raise _bad("nonfinite", cfg.nonfinite, "must be 'error' or 'skip'")
     return cfg

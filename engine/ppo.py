@@ -451,7 +451,7 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
     if critic:  # the critic's own learning rate (with critic=shared the value loss also trains the policy adapter)
         groups.append({"params": list(backbone.value_head.parameters())
                        + (backbone.adapter_parameters(VALUE) if own_critic else []), "lr": c.value_lr or c.lr})
-    optimizer = make_optimizer(groups, lr=c.lr, weight_decay=c.weight_decay, device=stage.device,
+    optimizer = make_optimizer(groups, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps, device=stage.device,
                                kind=cfg.model.optimizer)
     kl_ctl = KLController(c.kl_coef, adaptive=c.adaptive_kl, target=c.target_kl, horizon=c.kl_horizon)
     scaler = RewardScaler(c.reward_norm, clip=c.reward_clip, missing_eos_penalty=c.missing_eos_penalty)
@@ -506,7 +506,7 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
         # 2. advantages
         advantages, returns = compute_advantages(ro, estimator=c.advantage, n_samples=c.n_samples,
                                                  kl_coef=kl_ctl.coef, kl_in_loss=c.kl_in_loss, gamma=c.gamma,
-                                                 lam=c.lam, whiten=c.whiten_advantages)
+                                                 lam=c.lam, whiten=c.whiten_advantages, scale_rewards=c.scale_rewards)
 
         # 3. PPO epochs over minibatches
         with phases("update"):

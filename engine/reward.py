@@ -171,7 +171,7 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
     backbone.set_trainable([ADAPTER])
     D.prepare(backbone, cfg.distributed.strategy)  # FSDP2 sharding, before the optimizer sees the params
     params = backbone.adapter_parameters(ADAPTER) + list(backbone.reward_head.parameters())
-    optimizer = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay, device=stage.device,
+    optimizer = make_optimizer(params, lr=c.lr, weight_decay=c.weight_decay, eps=c.adam_eps, device=stage.device,
                                kind=cfg.model.optimizer)
     stage.attach(backbone, ADAPTER, {"reward_head": backbone.reward_head}, optimizer)
     start, _ = stage.restore()

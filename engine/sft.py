@@ -44,7 +44,7 @@ def train_sft(cfg: RunConfig, *, callbacks=()) -> dict:
     backbone.set_trainable([ADAPTER])
     D.prepare(backbone, cfg.distributed.strategy)  # FSDP2 sharding, before the optimizer sees the params
     optimizer = make_optimizer(backbone.adapter_parameters(ADAPTER), lr=c.lr, weight_decay=c.weight_decay,
-                               device=stage.device, kind=cfg.model.optimizer)
+                               eps=c.adam_eps, device=stage.device, kind=cfg.model.optimizer)
     total = c.max_steps if c.max_steps is not None else c.epochs * steps_per_epoch(len(examples), c.batch_size)
     stage.attach(backbone, ADAPTER, {}, optimizer)
     start, _ = stage.restore()

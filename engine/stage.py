@@ -25,12 +25,14 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import (LATEST, latest_checkpoint, latest_pointer, load_heads, load_safetensors,
-                         load_trainer_state, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (LATEST, CheckpointWriteError, latest_checkpoint, latest_pointer, load_heads,
+                         load_safetensors, load_trainer_state, rng_state, save_checkpoint, set_rng_state)
 from .config import RunConfig, resolve_device, save_config, validate
 from . import distributed as D
 from .metrics import RunLog
+from .optim import apply_lr_schedule, lr_factor
 from .runlock import lock_run_dir
+from .stop import os_error_message
 
 # callback(stage_name, step, metrics) runs after each step (after its checkpoint, if any)
 Callback = Callable[[str, int, dict], None]
@@ -47,15 +49,21 @@ def _no_stage() -> None:
 _active = _no_stage  # weak reference to the stage training now, for the Ctrl-C message
 
 
-def interrupted_message() -> str:
-    """What to tell a user who pressed Ctrl-C: where the run was, and how to go on."""
+def interrupted_message(reason: str = "interrupted") -> str:
+    """What to tell a user whose run was stopped (Ctrl-C, SIGTERM, a full disk: ``reason``):
+    where the run was, and how to go on."""
     stage = _active()
     if stage is None:
-        return "interrupted; continue with --resume"
+        return f"{reason}; continue with --resume"
     if not hasattr(stage, "log"):  # stopped while loading: nothing of this stage was written yet
-        return f"interrupted before {stage.name} started training; run the same command again"
+        return f"{reason} before {stage.name} started training; run the same command again"
     ckpt = f"; last checkpoint: {stage.ckpt.name}" if stage.ckpt is not None else "; no checkpoint yet"
-    return f"interrupted in {stage.name} at step {stage.step_done}{ckpt}; continue with --resume"
+    return f"{reason} in {stage.name} at step {stage.step_done}{ckpt}; continue with --resume"
+
+
+def active_stage_message(reason: str) -> str | None:
+    """:func:`interrupted_message` when a stage was running, else None (a label command, say)."""
+    return interrupted_message(reason) if _active() is not None else None
 
 
 def release_active() -> None:
@@ -132,6 +140,7 @@ class Stage:
         """What gets checkpointed: one trained adapter, its heads, the optimizer. The run
         directory is written from here on (a run that fails on its inputs leaves only the lock file)."""
         self.backbone, self.adapter, self.heads, self.optimizer = backbone, adapter, heads, optimizer
+        apply_lr_schedule(optimizer, 1.0)  # records each group's base lr before a restore overwrites lr
         self.log = RunLog(self.run_dir, writer=self.world.is_main)  # rank 0 writes the run directory
         if self.world.is_main:
             # the stage's own copy is what its --resume reads; the top-level one is the latest stage's
@@ -202,9 +211,15 @@ class Stage:
         if not self.world.is_main:
             self.ckpt = self.dir / f"ckpt-{step:07d}"  # the folder rank 0 writes
             return self.ckpt
-        self.ckpt = save_checkpoint(self.dir, step, adapter=adapter,
-                                    adapter_config=self.backbone.adapter_config_dict(), heads=heads,
-                                    trainer_state=state, keep=self.cfg.keep_checkpoints)
+        try:
+            self.ckpt = save_checkpoint(self.dir, step, adapter=adapter,
+                                        adapter_config=self.backbone.adapter_config_dict(), heads=heads,
+                                        trainer_state=state, keep=self.cfg.keep_checkpoints)
+        except OSError as exc:  # disk full, remounted read-only...: the previous checkpoint is intact
+            last = (f"continue with --resume from {self.ckpt.name}, the last complete checkpoint"
+                    if self.ckpt is not None else "no checkpoint was written yet: run the same command again")
+            raise CheckpointWriteError(f"{self.name} step {step}: could not write checkpoint ckpt-{step:07d} in "
+                                       f"{self.dir}: {os_error_message(exc)}; then {last}") from None
         return self.ckpt
 
     def progress(self, start: int, total: int):
@@ -212,7 +227,14 @@ class Stage:
 
         self.bar = tqdm(range(start, total), initial=start, total=total, desc=self.name, dynamic_ncols=True,
                         disable=not self.cfg.progress or not self.world.is_main)
-        return self.bar
+        return self._scheduled(self.bar, total)
+
+    def _scheduled(self, steps, total: int):
+        """Each step with the optimizer's learning rate set for it (the stage's lr_schedule)."""
+        c = getattr(self.cfg, self.name)
+        for step in steps:
+            apply_lr_schedule(self.optimizer, lr_factor(c.lr_schedule, step, total, c.warmup_steps))
+            yield step
 
     def end_step(self, step: int, total: int, metrics: dict, extra: dict | None = None,
                  on_save: Callable[[], dict] | None = None) -> None:

@@ -1,0 +1,91 @@
+"""Options every stage's gradient step takes (AdamW eps, a learning-rate schedule with warm-up)
+and GRPO's reward scaling (group | batch | none), against hand-computed or transformers' values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from engine_helpers import FAST
+
+from rlfuse.engine.advantages import grpo_advantages
+from rlfuse.engine.config import RunConfig, apply_overrides, validate
+from rlfuse.engine.optim import apply_lr_schedule, lr_factor, make_optimizer
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_factor_matches_transformers_schedules(schedule, warmup):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    total = 11
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    make = get_linear_schedule_with_warmup if schedule == "linear" else get_cosine_schedule_with_warmup
+    sched = make(opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        assert lr_factor(schedule, step, total, warmup) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_constant_schedule_and_warmup_by_hand():
+    assert [lr_factor("constant", s, 10, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_factor("cosine", 5, 10, 0) == pytest.approx(0.5)
+    assert lr_factor("linear", 10, 10, 0) == 0.0
+
+
+def test_schedule_scales_each_groups_own_base_lr():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1e-3, eps=1e-5)
+    assert all(g["eps"] == 1e-5 for g in opt.param_groups)
+    apply_lr_schedule(opt, 1.0)
+    apply_lr_schedule(opt, 0.25)
+    apply_lr_schedule(opt, 0.5)  # from the base, not compounding
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(5e-4), pytest.approx(0.25)]
+
+
+def test_sft_steps_run_on_the_schedule(cli, data, tmp_path, monkeypatch):
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["eps"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    code, _, err = cli("sft", "--data", data["sft"], "--run-dir", tmp_path / "run", "--max-steps", 5, *FAST,
+                       "--set", "sft.lr=0.01", "--set", "sft.lr_schedule=linear", "--set", "sft.warmup_steps=2",
+                       "--set", "sft.adam_eps=1e-6")
+    assert code == 0, err
+    want = [0.01 * lr_factor("linear", s, 5, 2) for s in range(5)]
+    assert [lr for lr, _ in seen] == pytest.approx(want) and want[0] == 0.0 and want[2] == 0.01
+    assert all(eps == 1e-6 for _, eps in seen)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sft.lr_schedule", "exp", "must be one of constant, linear, cosine"),
+    ("rm.warmup_steps", -1, "must be an integer >= 0"),
+    ("ppo.adam_eps", 0.0, "must be a finite number > 0"),
+    ("ppo.scale_rewards", "std", "must be one of group, batch, none"),
+])
+def test_bad_step_options_name_the_key(key, value, match):
+    with pytest.raises(ValueError, match=rf"config key '{key}': {match}"):
+        validate(apply_overrides(RunConfig(), {key: value}))
+
+
+def test_scale_rewards_needs_grpo():
+    with pytest.raises(ValueError, match="ppo.scale_rewards.*grpo only"):
+        validate(apply_overrides(RunConfig(), {"ppo.scale_rewards": "none"}))
+    validate(apply_overrides(RunConfig(), {"ppo.scale_rewards": "none", "ppo.advantage": "grpo", "ppo.n_samples": 2}))
+
+
+def test_grpo_reward_scaling_by_hand():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])  # two groups of two
+    centered = torch.tensor([-0.5, 0.5, -1.5, 1.5])
+    group_std = torch.tensor([math.sqrt(0.5)] * 2 + [math.sqrt(4.5)] * 2)
+    batch_std = torch.tensor([1.0, 2.0, 3.0, 6.0]).std()  # Bessel, over the batch
+    torch.testing.assert_close(grpo_advantages(scores, 2), centered / (group_std + 1e-6))
+    torch.testing.assert_close(grpo_advantages(scores, 2, scale="batch"), centered / (batch_std + 1e-6))
+    torch.testing.assert_close(grpo_advantages(scores, 2, scale="none"), centered)
