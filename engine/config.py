@@ -105,7 +105,7 @@ class PPOConfig:
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
-    value_clip: float = 0.2
+    value_clip: float | None = 0.2  # None: no value clipping
     value_coef: float = 0.5
     entropy_coef: float = 0.0
     gamma: float = 1.0
@@ -349,9 +349,9 @@ _CHECKS = {
                      "ppo.score_batch_size", "ppo.micro_batch_size"],
     "positive": ["sft.adam_eps", "rm.adam_eps", "ppo.adam_eps",
                  "model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
-                 "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.clip_eps_high", "ppo.temperature",
+                 "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.temperature",
                  "ppo.target_kl"],
-    "non_negative": ["sft.weight_decay", "rm.weight_decay", "rm.regression_coef", "ppo.weight_decay",
+    "non_negative": ["ppo.clip_eps_high", "sft.weight_decay", "rm.weight_decay", "rm.regression_coef", "ppo.weight_decay",
                      "ppo.value_clip", "ppo.value_coef", "ppo.entropy_coef", "ppo.kl_coef", "ppo.reward_clip",
                      "ppo.missing_eos_penalty"],
     "count": ["ppo.critic_warmup_steps", "sft.warmup_steps", "rm.warmup_steps", "ppo.warmup_steps"],

@@ -18,7 +18,6 @@ first minibatch of an update starts at ratio 1.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import rlfuse.kernels as K
+from rlfuse.kernels.ppo_options import KL_ESTIMATORS, LOSS_AGGS, PPOLossOptions
 
 from .advantages import ESTIMATORS, compute_advantages, kl_per_token
 from .backbone import load_backbone, load_tokenizer
@@ -43,11 +43,11 @@ from .stage import Stage
 POLICY, REFERENCE, REWARD, VALUE = "policy", "sft", "reward", "value"
 CRITICS = ("shared", "adapter")
 VALUE_INITS = ("zero", "reward")
-# In-loss KL estimators and the divergence whose gradient each one follows on samples of pi:
-# k2 = (log pi - log ref)^2 / 2 and the "+" variants follow KL(pi||ref), the RLHF objective's;
-# k3 = ref/pi - 1 - log(ref/pi) (DeepSeekMath) follows KL(ref||pi); k1's expected gradient is 0.
-IN_LOSS_KL = ("k2", "k3", "k1+", "k3+")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# The kernel's own tables (one home: kernels/ppo_options.py). In-loss KL estimators and the
+# divergence whose gradient each one follows on samples of pi: k2 = (log pi - log ref)^2 / 2 and
+# the "+" variants follow KL(pi||ref), the RLHF objective's; k3 = ref/pi - 1 - log(ref/pi)
+# (DeepSeekMath) follows KL(ref||pi); k1's expected gradient is 0, so it is a reward penalty only.
+IN_LOSS_KL = tuple(k for k in KL_ESTIMATORS if k != "k1")
 CALIBRATION_PROMPTS = 64  # prompts sampled (n_samples each) to calibrate a reward model's scale
 
 
@@ -70,16 +70,6 @@ def _stage_checkpoint(explicit: str | None, run_dir: Path, stage: str) -> Path |
     return latest_checkpoint(run_dir / stage)
 
 
-def _ppo_loss_accepts(kwarg: str) -> bool:
-    return kwarg in inspect.signature(K.ppo_loss).parameters
-
-
-def _kernel_kl_estimators() -> tuple[str, ...]:
-    from rlfuse.kernels.backends import KL_ESTIMATORS
-
-    return tuple(KL_ESTIMATORS)
-
-
 def resolve_loss_options(c: PPOConfig) -> PPOConfig:
     """A copy of ``c`` with kl_in_loss / kl_estimator / loss_agg checked and their "auto" resolved:
     grpo puts the KL in the loss (DeepSeekMath) with k2, whose gradient is that of KL(pi||ref);
@@ -90,21 +80,22 @@ def resolve_loss_options(c: PPOConfig) -> PPOConfig:
     if est not in ("auto", "k1") + IN_LOSS_KL:
         raise ValueError(f"ppo.kl_estimator: unknown value {est!r} (use auto, k1 (reward penalty only), "
                          f"{', '.join(IN_LOSS_KL)})")
-    if est == "auto":  # k3+: k3's value (unbiased, >= 0) with k2's gradient; k2 where the kernel lacks it
-        est = ("k3+" if "k3+" in _kernel_kl_estimators() else "k2") if kl_in_loss else "k1"
+    if est == "auto":  # k3+: k3's value (unbiased, >= 0) with k2's gradient
+        est = "k3+" if kl_in_loss else "k1"
     if kl_in_loss and est == "k1":
         raise ValueError("ppo.kl_estimator=k1 with ppo.kl_in_loss=true: k1's expected gradient is zero, so the KL "
                          "would not constrain the policy; use k2, k3, k1+ or k3+, or kl_in_loss=false")
-    if kl_in_loss and est not in _kernel_kl_estimators():
-        raise ValueError(f"ppo.kl_estimator={est}: this build's K.ppo_loss supports "
-                         f"{', '.join(_kernel_kl_estimators())}")
     agg = c.loss_agg
     if agg not in ("auto",) + LOSS_AGGS:
         raise ValueError(f"ppo.loss_agg: unknown value {agg!r} (use auto, {', '.join(LOSS_AGGS)})")
-    if agg == "auto":  # seq-mean-token-mean once K.ppo_loss takes loss_agg; token-mean is its only mode before
-        agg = "seq-mean-token-mean" if c.advantage == "grpo" and _ppo_loss_accepts("loss_agg") else "token-mean"
-    if agg != "token-mean" and not _ppo_loss_accepts("loss_agg"):
-        raise ValueError(f"ppo.loss_agg={agg}: this build's K.ppo_loss only does token-mean")
+    if agg == "auto":
+        agg = "seq-mean-token-mean" if c.advantage == "grpo" else "token-mean"
+    try:  # the kernel's validation of its options, the one rule (e.g. clip_eps_high >= 0)
+        PPOLossOptions(clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
+                       kl_estimator=est if kl_in_loss else "k3", value_clip=c.value_clip, value_coef=c.value_coef,
+                       entropy_coef=c.entropy_coef, loss_agg=agg)
+    except ValueError as exc:
+        raise ValueError(f"ppo.{exc}") from None
     return dataclasses.replace(c, kl_in_loss=kl_in_loss, kl_estimator=est, loss_agg=agg)
 
 

@@ -89,3 +89,15 @@ def test_grpo_reward_scaling_by_hand():
     torch.testing.assert_close(grpo_advantages(scores, 2), centered / (group_std + 1e-6))
     torch.testing.assert_close(grpo_advantages(scores, 2, scale="batch"), centered / (batch_std + 1e-6))
     torch.testing.assert_close(grpo_advantages(scores, 2, scale="none"), centered)
+
+
+def test_loss_options_follow_the_kernels_rules():
+    from rlfuse.engine.ppo import resolve_loss_options
+    from rlfuse.engine.config import PPOConfig
+
+    # clip_eps_high = 0 (no upward move) is the kernel's to allow, and value_clip=None (no clipping)
+    validate(apply_overrides(RunConfig(), {"ppo.clip_eps_high": 0.0, "ppo.value_clip": None}))
+    resolve_loss_options(PPOConfig(clip_eps_high=0.0, value_clip=None))
+    with pytest.raises(ValueError, match=r"^ppo\.dual_clip must be > 1"):
+        resolve_loss_options(PPOConfig(dual_clip=1.0))
+    assert resolve_loss_options(PPOConfig(advantage="grpo", n_samples=2)).kl_estimator == "k3+"
