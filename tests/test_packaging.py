@@ -104,3 +104,16 @@ def test_a_non_editable_wheel_installs_every_package_init(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout
+
+
+def test_constraints_pin_everything_but_the_torch_build():
+    lines = [ln.strip() for ln in (REPO / "constraints.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    names = []
+    for ln in lines:
+        name, sep, version = ln.partition("==")
+        assert sep and name and version and " " not in ln, ln
+        names.append(name)
+    assert {"transformers", "peft", "bitsandbytes", "trl", "accelerate", "kernels"} <= set(names)
+    assert not {"torch", "triton", "rlfuse"} & set(names)
+    assert len(names) == len(set(names))
