@@ -57,3 +57,23 @@ def apply_lr_schedule(optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
         group["lr"] = group["base_lr"] * factor
+
+
+def gradient_step(optimizer, params, loss, *, max_grad_norm: float, check_update=None, drop=()):
+    """The one gradient step of every stage: reduce -> clip -> non-finite guard -> step.
+
+    Gradients are summed over data-parallel ranks (each rank's loss already carries its share
+    of the global normaliser); ``drop``: parameters whose gradients are discarded first (the
+    policy during critic warm-up: AdamW leaves a parameter without a gradient where it is);
+    ``check_update(loss, grad_norm)`` (``Stage.check_update``) may refuse a non-finite update.
+    Returns (gradient norm, whether the optimizer stepped)."""
+    from . import distributed as D
+
+    D.reduce_gradients(params)
+    for p in drop:
+        p.grad = None
+    grad_norm = D.clip_grad_norm_(params, max_grad_norm)
+    if check_update is not None and not check_update(loss, grad_norm):
+        return grad_norm, False
+    optimizer.step()
+    return grad_norm, True

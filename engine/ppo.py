@@ -31,14 +31,14 @@ from .advantages import ESTIMATORS, compute_advantages, kl_per_token
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import latest_checkpoint, load_heads, load_safetensors, resolve_checkpoint
 from . import distributed as D
-from . import memory as M
 from .config import PPOConfig, RunConfig
 from .data import end_of_turn_id, epoch_batches, load_prompts
 from .metrics import MemoryPhases
-from .optim import make_optimizer
+from .optim import gradient_step, make_optimizer
 from .reward_scale import REWARD_NORMS, RewardScaler, load_or_calibrate
 from .rollout import RewardFn, generate_rollout, load_reward_fn, policy_outputs, reward_layout, score_rollout
 from .stage import Stage
+from .update_plan import check_micro_batch_size, micro_batches, plan_update, reuses_forward  # noqa: F401 (micro_batches: public)
 
 POLICY, REFERENCE, REWARD, VALUE = "policy", "sft", "reward", "value"
 CRITICS = ("shared", "adapter")
@@ -264,128 +264,77 @@ def score_critic(backbone, ro, batch_size: int = 32) -> None:
     ro.values = torch.cat(vals) * ro.response_mask
 
 
-def _agg_weight(mask: torch.Tensor, loss_agg: str) -> float:
-    """Rows' part of the loss normaliser: valid tokens (token-mean), else rows with a token."""
-    return (mask.sum() if loss_agg == "token-mean" else (mask.sum(1) > 0).sum()).item()
-
-
-def micro_batches(idx: torch.Tensor, group_size: int, size: int | None) -> list[torch.Tensor]:
-    """Rows ``idx`` of a minibatch cut into micro-batches of at most ``size`` rows (None: one),
-    keeping the ``group_size`` samples of a prompt (rollout rows k*G .. k*G+G-1) together, so
-    each micro-batch's forward still runs its prompts once. A row's PPO loss stands alone, so a
-    group larger than ``size`` is cut (unlike a ranking, see ``memory.micro_batches``)."""
-    if size is None or size >= len(idx):
-        return [idx]
-    idx = idx.sort().values
-    _, counts = torch.unique_consecutive(idx // max(1, group_size), return_counts=True)
-    pieces = [piece for group in idx.split(counts.tolist()) for piece in group.split(size)]
-    return [torch.cat([pieces[i] for i in batch]) for batch in M.micro_batches([len(p) for p in pieces], size)]
+def _micro_batch_loss(backbone, ro, rows, advantages, returns, c: PPOConfig, loss_kl_coef: float, *,
+                      reuse_forward: bool):
+    """(AdapterTape holding this micro-batch's forwards, its K.ppo_loss, its stats)."""
+    critic = returns is not None
+    own_critic = critic and c.critic == "adapter"
+    tape = AdapterTape(backbone)
+    ids, attn = ro.input_ids[rows], ro.attention_mask[rows]
+    logp, entropy, values = tape.forward(POLICY, policy_outputs, backbone, ids, attn, ro.prompt_len,
+                                         temperature=c.temperature, with_values=critic and not own_critic)
+    if own_critic:  # one more forward (and backward) through the value adapter
+        values = tape.forward(VALUE, critic_values, backbone, ids, attn, ro.prompt_len)
+    mask = ro.response_mask[rows]
+    if reuse_forward:  # this forward's own log-probs are the old ones (see update_plan)
+        if ro.logp is None:
+            ro.logp, ro.entropy = torch.zeros_like(ro.response_mask), torch.zeros_like(ro.response_mask)
+        ro.logp[rows], ro.entropy[rows] = logp.detach() * mask, entropy.detach() * mask
+    loss, stats = K.ppo_loss(
+        logp, ro.logp[rows], advantages[rows], mask,
+        clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
+        ref_logp=ro.ref_logp[rows], kl_coef=loss_kl_coef, kl_estimator=c.kl_estimator,
+        entropy=entropy if c.entropy_coef > 0 else entropy.detach(), entropy_coef=c.entropy_coef,
+        values=values, old_values=ro.values[rows] if critic else None, returns=returns[rows] if critic else None,
+        value_clip=c.value_clip, value_coef=c.value_coef, loss_agg=c.loss_agg,
+        loss_agg_norm=float(c.max_new_tokens) if c.loss_agg == "seq-mean-token-sum-norm" else None)  # Dr. GRPO
+    return tape, loss, stats
 
 
 def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_coef: float, *,
                policy_frozen: bool = False, on_minibatch=None, check_update=None, shuffle_seed: int = 0) -> dict:
     """ppo_epochs passes of shuffled minibatches through K.ppo_loss; mean of the stats.
 
-    Each minibatch's forward and backward run in micro-batches of ``c.micro_batch_size`` rows
-    (whole prompt groups), each loss scaled by its share of the minibatch normaliser: one
-    optimizer step on the same gradient, with the activations of one micro-batch at a time.
-
-    ``policy_frozen`` (critic warm-up): the policy adapter's gradients are dropped, so only
-    the critic moves. ``on_minibatch(epoch, index, stats)`` sees each minibatch's stats."""
+    The rows and weights of every minibatch and micro-batch come from ``plan_update``; each
+    micro-batch runs its forwards and backward (``AdapterTape``), each minibatch ends in one
+    ``gradient_step``. ``returns`` None: no critic. ``policy_frozen`` (critic warm-up): the policy
+    adapter's gradients are dropped, so only the critic moves. ``on_minibatch(epoch, index,
+    stats)`` sees each minibatch's stats."""
+    check_micro_batch_size(c.micro_batch_size)
     c = resolve_loss_options(c)
-    if c.micro_batch_size is not None and not (isinstance(c.micro_batch_size, int) and c.micro_batch_size >= 1):
-        raise ValueError(f"ppo.micro_batch_size must be a positive integer (or null: the whole minibatch), "
-                         f"got {c.micro_batch_size!r}")
-    critic = returns is not None
-    own_critic = critic and c.critic == "adapter"
+    plan = plan_update(ro.response_mask, c, critic=returns is not None, scored_policy=ro.logp is not None,
+                       shuffle_seed=shuffle_seed, fsdp=bool(D.fsdp_units(backbone)))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    policy_params = backbone.adapter_parameters(POLICY) if policy_frozen else []
-    agg = {"loss_agg": c.loss_agg} if c.loss_agg != "token-mean" else {}
-    if c.loss_agg == "seq-mean-token-sum-norm":  # Dr. GRPO: one constant, the generation budget
-        agg["loss_agg_norm"] = float(c.max_new_tokens)
+    frozen = backbone.adapter_parameters(POLICY) if policy_frozen else []
+    distributed = D.world().distributed
     totals: dict[str, float] = {}
     n_updates = 0
-    # No old log-probs from scoring (score_rollout(with_policy=False)): with ONE pass over ONE
-    # minibatch the policy has not moved yet, so this forward's own detached log-probs are the
-    # old ones (ratio exactly 1, as in TRL), and it fills ro.logp / ro.entropy for the metrics.
-    reuse_forward = ro.logp is None
-    if reuse_forward and (c.ppo_epochs != 1 or c.minibatch_size < D.global_count(len(ro)) or critic):
-        raise ValueError("ppo_update: a rollout scored without its policy pass needs ppo_epochs=1, one minibatch "
-                         f"(minibatch_size >= {len(ro)}) and no critic")
     backbone.train()
-    # minibatches are cut from ONE permutation of the GLOBAL batch (a function of seed and step),
-    # so 1 process and N data-parallel ranks update on the same minibatches; a rank keeps its rows
-    w = D.world()
-    rows = D.gather_objects(len(ro))
-    first, n_global = sum(rows[:w.rank]), sum(rows)
-    for epoch in range(c.ppo_epochs):
-        g = torch.Generator().manual_seed(shuffle_seed * 1_000_003 + epoch)
-        for i, global_idx in enumerate(torch.randperm(n_global, generator=g).split(max(1, c.minibatch_size))):
-            idx = (global_idx[(global_idx >= first) & (global_idx < first + len(ro))] - first).to(ro.input_ids.device)
-            # this rank's share of the minibatch's loss normaliser (tokens, or rows for the seq-mean modes)
-            weight = _agg_weight(ro.response_mask[idx], c.loss_agg)
-            tokens = ro.response_mask[idx].sum().item()
-            share = weight / D.global_count(weight) if w.distributed else 1.0
-            optimizer.zero_grad(set_to_none=True)
-            # a rank with no rows in this minibatch still joins every collective below; under FSDP2
-            # it must also run forward and backward, so it runs one row weighted 0 (a stand-in)
-            contributes = len(idx) > 0
-            if not contributes and D.fsdp_units(backbone):
-                idx, share = torch.zeros(1, dtype=torch.long, device=ro.input_ids.device), 0.0
-            loss, stats = torch.zeros(()), {}
-            micros = micro_batches(idx, c.n_samples, c.micro_batch_size) if len(idx) else []
-            for m_idx in micros:
-                # this micro-batch's part of the minibatch normaliser: the scaled losses sum to the
-                # minibatch loss, so the summed gradients are the one-big-batch gradient
-                m_share = _agg_weight(ro.response_mask[m_idx], c.loss_agg) / weight if weight else 1.0 / len(micros)
-                m_tokens = ro.response_mask[m_idx].sum().item()
-                tape = AdapterTape(backbone)
-                logp, entropy, values = tape.forward(
-                    POLICY, policy_outputs, backbone, ro.input_ids[m_idx], ro.attention_mask[m_idx], ro.prompt_len,
-                    temperature=c.temperature, with_values=critic and not own_critic)
-                if own_critic:  # one more forward (and backward) through the value adapter
-                    values = tape.forward(VALUE, critic_values, backbone, ro.input_ids[m_idx],
-                                          ro.attention_mask[m_idx], ro.prompt_len)
-                if reuse_forward:
-                    if ro.logp is None:
-                        ro.logp, ro.entropy = torch.zeros_like(ro.response_mask), torch.zeros_like(ro.response_mask)
-                    mask = ro.response_mask[m_idx]
-                    ro.logp[m_idx], ro.entropy[m_idx] = logp.detach() * mask, entropy.detach() * mask
-                m_loss, m_stats = K.ppo_loss(
-                    logp, ro.logp[m_idx], advantages[m_idx], ro.response_mask[m_idx],
-                    clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                    ref_logp=ro.ref_logp[m_idx], kl_coef=kl_coef if c.kl_in_loss else 0.0,
-                    kl_estimator=c.kl_estimator, entropy=entropy if c.entropy_coef > 0 else entropy.detach(),
-                    entropy_coef=c.entropy_coef, values=values, old_values=ro.values[m_idx] if critic else None,
-                    returns=returns[m_idx] if critic else None, value_clip=c.value_clip, value_coef=c.value_coef,
-                    **agg)
-                tape.backward(m_loss * (m_share * share if w.distributed else m_share))
-                del logp, entropy, values, tape  # free this micro-batch's graphs before the next forward
-                loss = loss + m_loss.detach() * m_share
-                if len(micros) == 1:
-                    stats = m_stats
-                else:  # the stats are token means: weight by this micro-batch's share of the tokens
-                    t_share = m_tokens / tokens if tokens else 1.0 / len(micros)
-                    for k, v in m_stats.items():
-                        stats[k] = stats.get(k, 0.0) + v.detach() * t_share
-            if len(micros) > 1:
-                stats["loss"] = loss
-            D.reduce_gradients(params)  # sum over ranks of share * local loss = the global minibatch loss
-            for p in policy_params:  # AdamW skips a parameter without a gradient: the policy stays put
-                p.grad = None
-            grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
-            if check_update is not None and not check_update(loss if contributes else torch.zeros(()), grad_norm):
-                continue  # nonfinite=skip: this minibatch's update is dropped (on every rank: same grad norm)
-            optimizer.step()
-            step_stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm} if contributes else {}
-            if w.distributed:  # global token means; a rank without rows adds weight 0 and takes the others'
-                step_stats = D.reduce_metrics({k: float(v) for k, v in step_stats.items()},
-                                              weight=weight if contributes else 0.0)
-            if on_minibatch is not None and contributes:
-                on_minibatch(epoch, i, {k: float(v) for k, v in step_stats.items()})
-            for k, v in step_stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            n_updates += 1
+    for mb in plan.minibatches:
+        optimizer.zero_grad(set_to_none=True)
+        loss, stats = torch.zeros(()), {}
+        for micro in mb.micro_batches:
+            tape, m_loss, m_stats = _micro_batch_loss(backbone, ro, micro.rows, advantages, returns, c,
+                                                      kl_coef if c.kl_in_loss else 0.0,
+                                                      reuse_forward=plan.reuse_forward)
+            tape.backward(m_loss * micro.loss_weight)
+            del tape  # free this micro-batch's graphs before the next forward
+            loss = loss + m_loss.detach() * micro.loss_share
+            for k, v in m_stats.items():  # token means: weighted by the micro-batch's share of the tokens
+                stats[k] = v if len(mb.micro_batches) == 1 else stats.get(k, 0.0) + v.detach() * micro.token_share
+        grad_norm, stepped = gradient_step(optimizer, params, loss if mb.contributes else torch.zeros(()),
+                                           max_grad_norm=c.max_grad_norm, check_update=check_update, drop=frozen)
+        if not stepped:
+            continue  # nonfinite=skip: this minibatch's update is dropped (on every rank: same grad norm)
+        step_stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm} if mb.contributes else {}
+        if distributed:  # global token means; a rank without rows adds weight 0 and takes the others'
+            step_stats = D.reduce_metrics({k: float(v) for k, v in step_stats.items()},
+                                          weight=mb.weight if mb.contributes else 0.0)
+        if on_minibatch is not None and mb.contributes:
+            on_minibatch(mb.epoch, mb.index, {k: float(v) for k, v in step_stats.items()})
+        for k, v in step_stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n_updates += 1
     return {k: v / max(1, n_updates) for k, v in totals.items()}
 
 
@@ -483,8 +432,7 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
             with phases("scoring"):
                 # one optimisation pass over one minibatch, no critic, KL not in the reward: the update's
                 # forward gives the old log-probs, so scoring skips its policy pass (see ppo_update)
-                single_pass = (c.ppo_epochs == 1 and c.minibatch_size >= n_rows and not critic
-                               and (c.kl_in_loss or c.kl_coef == 0))
+                single_pass = reuses_forward(c, n_rows, critic=critic)
                 score_rollout(backbone, ro, temperature=c.temperature, reward_fn=reward_fn,
                               with_values=critic and not own_critic, batch_size=c.score_batch_size,
                               with_policy=not single_pass)

@@ -42,7 +42,7 @@ from .config import RunConfig
 from .data import Ranking, epoch_batches, load_rankings, pad, steps_per_epoch
 from .memory import micro_batches, same_count_on_every_rank
 from .metrics import peak_memory_mb, reset_peak_memory
-from .optim import make_optimizer
+from .optim import gradient_step, make_optimizer
 from .stage import Stage
 
 ADAPTER = "reward"
@@ -242,10 +242,9 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
                             "margin": sum(margins) / len(margins), "pairs": n_pairs})
         if rated:
             metrics["rating_mse"] = mse
-        D.reduce_gradients(params)
-        grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
-        if stage.check_update(loss, grad_norm):  # a NaN/inf stops the run (or is skipped) before it lands
-            optimizer.step()
+        # a NaN/inf stops the run (or is skipped) before it lands
+        grad_norm, _ = gradient_step(optimizer, params, loss, max_grad_norm=c.max_grad_norm,
+                                     check_update=stage.check_update)
 
         dt = time.perf_counter() - t0
         metrics.update(loss=D.global_count(loss) if stage.world.distributed else loss,

@@ -18,7 +18,7 @@ from .config import RunConfig
 from .data import epoch_batches, load_sft_dataset, pad, steps_per_epoch
 from .memory import micro_batches, same_count_on_every_rank
 from .metrics import peak_memory_mb, reset_peak_memory
-from .optim import make_optimizer
+from .optim import gradient_step, make_optimizer
 from .stage import Stage
 
 ADAPTER = "sft"
@@ -79,12 +79,11 @@ def train_sft(cfg: RunConfig, *, callbacks=()) -> dict:
             part.backward()  # frees this micro-batch's graph before the next forward
             loss += part.item()
             n_real += int(attn.sum()) if group else 0
-        D.reduce_gradients(params)  # sum of local_sum/global_count
         if D.world().distributed:  # log the global mean, as one process would
             loss = D.global_count(loss)
-        grad_norm = D.clip_grad_norm_(params, c.max_grad_norm)
-        if stage.check_update(loss, grad_norm):  # a NaN/inf stops the run (or is skipped) before it lands
-            optimizer.step()
+        # a NaN/inf stops the run (or is skipped) before it lands
+        grad_norm, _ = gradient_step(optimizer, params, loss, max_grad_norm=c.max_grad_norm,
+                                     check_update=stage.check_update)
 
         dt = time.perf_counter() - t0
         stage.end_step(step + 1, total, {

@@ -12,6 +12,17 @@ The source folder has no ``__init__.py`` on purpose: run from the repository roo
 package ``kernels/`` would shadow Hugging Face's ``kernels`` (which transformers imports).
 """
 
+# An editable install is a link tree whose files are symlinks to the sources (see setup.py); look
+# up this package's modules in the source folder itself first, so a new source file imports at
+# once, as in any editable install. (A regular install has no symlink here: nothing changes.)
+import os as _os
+
+_source = _os.path.dirname(_os.path.realpath(__file__))
+if _source != _os.path.dirname(_os.path.abspath(__file__)):
+    __path__.insert(0, _source)
+del _os, _source
+
+
 from .dispatch import available_backends, current_backend, unavailable_reasons, use_backend
 from .gae import gae
 from .linear_logprobs import linear_logprobs

@@ -117,3 +117,18 @@ def test_constraints_pin_everything_but_the_torch_build():
     assert {"transformers", "peft", "bitsandbytes", "trl", "accelerate", "kernels"} <= set(names)
     assert not {"torch", "triton", "rlfuse"} & set(names)
     assert len(names) == len(set(names))
+
+
+def test_an_editable_install_sees_a_new_source_file_at_once(tmp_path):
+    import rlfuse.engine
+
+    if not Path(rlfuse.engine.__file__).is_symlink():
+        pytest.skip("not an editable install (rlfuse.engine's __init__.py is not a link to the source)")
+    probe = REPO / "engine" / f"_probe_{os.getpid()}.py"
+    probe.write_text("VALUE = 42\n")
+    try:
+        out = _python(f"import rlfuse.engine._probe_{os.getpid()} as m; print(m.VALUE, m.__file__)", cwd=tmp_path)
+    finally:
+        probe.unlink()
+    value, file = out.split()
+    assert value == "42" and Path(file).resolve() == probe.resolve()
