@@ -36,6 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (PPO: iterations) for this stage")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--split", help="split of a datasets folder given as data (config key data.split)")
+    p.add_argument("--report-to", help="none | tensorboard | wandb | tensorboard,wandb (config key report_to)")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="run data-parallel on N processes (re-launches this command under torchrun)")
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--prompts", help="JSONL of {prompt} or {messages}")
         p.add_argument("--reward-fn", help="Python reward: module:function or file.py:function")
-        p.add_argument("--advantage", choices=["gae", "grpo", "rloo"])
+        p.add_argument("--advantage", help="advantage estimator: gae, grpo, rloo (engine/advantages.py's registry)")
         p.add_argument("--n-samples", type=int, help="completions per prompt (grpo/rloo need >= 2)")
         if name == "pipeline":
             p.add_argument("--sft-data", help="SFT JSONL")
@@ -75,10 +77,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
 
+    _after_training_verbs(sub)
     sub.add_parser("demo", help="run the demo (see rlfuse.engine.demo)", add_help=False)
     sub.add_parser("label", help="people rank responses: sample | serve | export | stats", add_help=False)
     sub.add_parser("bench", help="run the kernel benchmarks (see rlfuse.benchmarks)", add_help=False)
     return parser
+
+
+def _after_training_verbs(sub) -> None:
+    """export / generate / chat: use what a run trained (engine/export.py, generate.py, chat.py)."""
+    def checkpoint_args(p):
+        p.add_argument("checkpoint", help="a checkpoint folder, a stage folder (its latest) or a run folder")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (as the run trained)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a key of the run's saved config, e.g. model.quantization=none")
+
+    p = sub.add_parser("export", help="write a checkpoint as a HF model, a peft adapter or a seq-cls reward model")
+    checkpoint_args(p)
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--role", choices=["policy", "reward"], default="policy")
+    p.add_argument("--adapter-only", action="store_true", help="a peft adapter folder instead of merged weights")
+    p.add_argument("--base-model", help="base_model_name_or_path written into the adapter's config")
+    p.add_argument("--dtype", default="auto", help="auto (the base's own dtype) | float32 | bfloat16 | float16")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+    p = sub.add_parser("generate", help="completions of a prompt file from a trained policy (JSONL out)")
+    checkpoint_args(p)
+    p.add_argument("--prompts", required=True, help="prompts: JSONL of {prompt} or {messages}")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--temperature", type=float, help="sample softmax(logits/T); default (or 0): greedy")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--n-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", help="split of a datasets folder given as --prompts (data.split)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+    p = sub.add_parser("chat", help="talk to a trained policy in the terminal")
+    checkpoint_args(p)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0, as PPO samples)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--system", help="system message")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _typed_overrides(args) -> dict:
@@ -98,6 +139,10 @@ def _typed_overrides(args) -> dict:
                       "ppo.advantage": args.advantage, "ppo.n_samples": args.n_samples})
     if verb == "pipeline":
         pairs.update({"sft.data": args.sft_data, "rm.data": args.rm_data})
+    if args.split is not None:
+        pairs["data.split"] = args.split
+    if args.report_to is not None:
+        pairs["report_to"] = args.report_to
     if args.resume:
         pairs["resume"] = True
     if args.no_progress:
@@ -129,11 +174,14 @@ def _run_train(args) -> int:
     from .config import validate
     from .runlock import lock_run_dir
 
+    from .stop import sigterm_as_interrupt
+
     cfg = validate(make_config(args))  # bad numbers fail here, before any model loads
-    if int(os.environ.get("RANK", "0")) == 0:  # one lock for the whole command (a pipeline's three stages)
-        with lock_run_dir(cfg.run_dir):
-            return _train(args, cfg)
-    return _train(args, cfg)
+    with sigterm_as_interrupt():  # `kill` ends a run as Ctrl-C does: message, lock released
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock for the whole command (a pipeline's three stages)
+            with lock_run_dir(cfg.run_dir):  # also refuses a run directory that cannot be written
+                return _train(args, cfg)
+        return _train(args, cfg)
 
 
 def _train(args, cfg) -> int:
@@ -214,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             return _launch_data_parallel(args.nproc_per_node, argv)
         if args.command in TRAIN_VERBS:
             return _run_train(args)
+        if args.command == "export":
+            from .export import main as export_main
+
+            return export_main(args)
+        if args.command in ("generate", "chat"):
+            import importlib
+
+            return importlib.import_module(f".{args.command}", __package__).main(args)
         if args.command == "plot":
             from .plot import plot_run
 
@@ -229,16 +285,31 @@ def main(argv: list[str] | None = None) -> int:
                                             seq_len=args.seq_len), indent=2))
             return 0
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is intact; say where we were
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the last checkpoint is intact; say where we were
         from .stage import interrupted_message, release_active
+        from .stop import stop_reason
 
-        print(f"\nrlfuse: {interrupted_message()}", file=sys.stderr)
+        print(f"\nrlfuse: {interrupted_message(stop_reason(exc))}", file=sys.stderr)
         release_active()
-        return 130
+        return getattr(exc, "exit_code", 130)
     except (ValueError, FileNotFoundError) as exc:  # user errors: message, no traceback
         if os.environ.get("RLFUSE_DEBUG"):
             raise
         print(f"rlfuse: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `rlfuse label stats | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit-time flush does not fail again
+        return 141  # 128 + SIGPIPE, as for any command whose reader went away
+    except OSError as exc:  # the filesystem failed us (disk full, read-only, a file where a folder goes)
+        if os.environ.get("RLFUSE_DEBUG"):
+            raise
+        from .stage import active_stage_message, release_active
+        from .stop import os_error_message
+
+        where = active_stage_message("stopped")
+        print(f"rlfuse: error: {os_error_message(exc)}" + (f"; {where}" if where else ""), file=sys.stderr)
+        release_active()
         return 2
 
 

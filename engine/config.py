@@ -137,6 +137,21 @@ class DistributedConfig:
 
 
 @dataclass
+class DataConfig:
+    # how --data / --prompts are read when they are not JSONL (engine/dataset_files.py) and which
+    # columns hold the fields (any format): e.g. data.prompt_column=question. Null: the field's own name
+    split: str | None = None  # split of a dataset folder: null = "train", or its only split
+    prompt_column: str | None = None
+    response_column: str | None = None
+    completion_column: str | None = None
+    chosen_column: str | None = None
+    rejected_column: str | None = None
+    messages_column: str | None = None
+    system_column: str | None = None
+    score_column: str | None = None
+
+
+@dataclass
 class RunConfig:
     run_dir: str = "runs/rlfuse"
     seed: int = 0
@@ -147,11 +162,13 @@ class RunConfig:
     sample_every: int = 10  # write generations to samples.jsonl every N PPO steps
     progress: bool = True  # tqdm bars
     nonfinite: str = "error"  # a NaN/inf loss or grad norm: error (stop the run) | skip (drop that update)
+    report_to: str = "none"  # none | tensorboard | wandb | "tensorboard,wandb": curves besides metrics.jsonl
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -326,6 +343,13 @@ def _bad(key: str, value, need: str) -> ValueError:
     return ValueError(f"config key '{key}': {need}, got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit; derived seeds (seed * 100_003 + step) stay within torch's 64 bits
+
+
+def seed_ok(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SEED
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -339,6 +363,8 @@ _RULES = {
     "unit": (lambda v: _finite(v) and 0 <= v <= 1, "must be between 0 and 1"),
     "fraction": (lambda v: _finite(v) and 0 <= v < 1, "must be >= 0 and < 1"),
     "above_one": (lambda v: _finite(v) and v > 1, "must be a finite number > 1"),
+    "seed": (lambda v: seed_ok(v), "must be an integer from 0 to 2**32 - 1 = 4294967295 (the range every "
+             "RNG here takes); use a smaller one, e.g. $(( $(date +%s) % 4294967296 ))"),
 }
 _CHECKS = {
     "positive_int": ["save_every", "keep_checkpoints", "sample_every", "model.lora_r",
@@ -358,6 +384,7 @@ _CHECKS = {
     "unit": ["ppo.gamma", "ppo.lam"],
     "fraction": ["model.lora_dropout", "rm.eval_fraction"],
     "above_one": ["ppo.dual_clip"],
+    "seed": ["seed"],
 }
 
 
@@ -411,8 +438,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise _bad(f"{stage}.lr_schedule", getattr(cfg, stage).lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}")
     if cfg.ppo.scale_rewards not in SCALE_REWARDS:
         raise _bad("ppo.scale_rewards", cfg.ppo.scale_rewards, f"must be one of {', '.join(SCALE_REWARDS)}")
-    if cfg.ppo.scale_rewards != "group" and cfg.ppo.advantage != "grpo":
-        raise _bad("ppo.scale_rewards", cfg.ppo.scale_rewards, "applies to ppo.advantage=grpo only (keep group)")
     if cfg.nonfinite not in ("error", "skip"):
         raise _bad("nonfinite", cfg.nonfinite, "must be 'error' or 'skip'")
     return cfg

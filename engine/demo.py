@@ -420,7 +420,9 @@ def setup(args: argparse.Namespace) -> DemoRun:
     apply_overrides(cfg, {**preset.engine, "run_dir": str(run_dir), "seed": args.seed, "device": args.device,
                           "model.name_or_path": model, "progress": not args.no_progress})
     apply_overrides(cfg, {"ppo.advantage": args.advantage} if args.advantage else {})
-    if cfg.ppo.advantage != "gae":
+    from .advantages import get_estimator
+
+    if get_estimator(cfg.ppo.advantage).grouped:  # samples per prompt to compare
         apply_overrides(cfg, preset.group_engine)
     apply_overrides(cfg, args.overrides)  # the user's --set last: it wins
     random.seed(args.seed)
@@ -528,7 +530,10 @@ def stage4_ppo(run: DemoRun) -> None:
     from .ppo import train_ppo
 
     c = run.cfg.ppo
-    kind = "classic PPO: GAE, value head on the shared backbone" if c.advantage == "gae" else c.advantage
+    from .advantages import get_estimator
+
+    critic = get_estimator(c.advantage).needs_critic
+    kind = f"classic PPO: {c.advantage.upper()}, value head on the shared backbone" if critic else c.advantage
     print(f"[demo] 4/5 PPO ({kind}) against the learned reward model, {c.max_steps} iterations x "
           f"{c.batch_size} prompts x {c.n_samples} samples")
     run.drop_evaluator()
@@ -714,7 +719,9 @@ def parse_args(argv) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="smollm2",
                    help="smollm2: the real model (default); tiny: a random model, for CI")
-    p.add_argument("--advantage", choices=["gae", "rloo", "grpo"],
+    from .advantages import ESTIMATORS
+
+    p.add_argument("--advantage", choices=ESTIMATORS,
                    help="PPO's advantage estimator (default gae: classic PPO with a critic; rloo and grpo "
                         "compare the preset's samples per prompt instead)")
     p.add_argument("--out", "--run-dir", dest="out", help="run directory (default runs/demo-<preset>-<time>)")

@@ -27,7 +27,7 @@ from torch import nn
 import rlfuse.kernels as K
 from rlfuse.kernels.ppo_options import KL_ESTIMATORS, LOSS_AGGS, PPOLossOptions
 
-from .advantages import ESTIMATORS, compute_advantages, kl_per_token
+from .advantages import compute_advantages, get_estimator, kl_per_token
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import latest_checkpoint, load_heads, load_safetensors, resolve_checkpoint
 from . import distributed as D
@@ -71,11 +71,13 @@ def _stage_checkpoint(explicit: str | None, run_dir: Path, stage: str) -> Path |
 
 
 def resolve_loss_options(c: PPOConfig) -> PPOConfig:
-    """A copy of ``c`` with kl_in_loss / kl_estimator / loss_agg checked and their "auto" resolved:
-    grpo puts the KL in the loss (DeepSeekMath) with k2, whose gradient is that of KL(pi||ref);
-    gae and rloo keep Ziegler's k1 penalty in the reward. grpo averages each sequence's token
-    mean (DeepSeekMath), gae/rloo every token of the batch (token-mean)."""
-    kl_in_loss = c.advantage == "grpo" if c.kl_in_loss is None else bool(c.kl_in_loss)
+    """A copy of ``c`` with kl_in_loss / kl_estimator / loss_agg checked and their "auto" resolved
+    from the estimator's traits (advantages.REGISTRY): grpo puts the KL in the loss (DeepSeekMath)
+    with k3+ (k3's value, k2's gradient: that of KL(pi||ref)); gae and rloo keep Ziegler's k1
+    penalty in the reward. grpo averages each sequence's token mean (DeepSeekMath), gae/rloo
+    every token of the batch (token-mean)."""
+    estimator = get_estimator(c.advantage)
+    kl_in_loss = estimator.kl_in_loss if c.kl_in_loss is None else bool(c.kl_in_loss)
     est = c.kl_estimator
     if est not in ("auto", "k1") + IN_LOSS_KL:
         raise ValueError(f"ppo.kl_estimator: unknown value {est!r} (use auto, k1 (reward penalty only), "
@@ -89,7 +91,7 @@ def resolve_loss_options(c: PPOConfig) -> PPOConfig:
     if agg not in ("auto",) + LOSS_AGGS:
         raise ValueError(f"ppo.loss_agg: unknown value {agg!r} (use auto, {', '.join(LOSS_AGGS)})")
     if agg == "auto":
-        agg = "seq-mean-token-mean" if c.advantage == "grpo" else "token-mean"
+        agg = estimator.loss_agg
     try:  # the kernel's validation of its options, the one rule (e.g. clip_eps_high >= 0)
         PPOLossOptions(clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                        kl_estimator=est if kl_in_loss else "k3", value_clip=c.value_clip, value_coef=c.value_coef,
@@ -101,10 +103,12 @@ def resolve_loss_options(c: PPOConfig) -> PPOConfig:
 
 def resolve_ppo_config(c: PPOConfig, *, use_reward_model: bool) -> PPOConfig:
     """Check every PPO key up front (one-line errors naming the key) and resolve the "auto"s."""
-    if c.advantage not in ESTIMATORS:
-        raise ValueError(f"ppo.advantage: unknown estimator {c.advantage!r} (use one of {', '.join(ESTIMATORS)})")
-    if c.advantage != "gae" and c.n_samples < 2:
+    est = get_estimator(c.advantage)
+    if est.grouped and c.n_samples < 2:
         raise ValueError(f"ppo.advantage={c.advantage} compares samples of a prompt: set ppo.n_samples >= 2")
+    if c.scale_rewards != "group" and not est.scales_rewards:
+        raise ValueError(f"ppo.scale_rewards={c.scale_rewards}: ppo.advantage={c.advantage} does not scale rewards "
+                         "(keep group)")
     c = resolve_loss_options(c)
     if c.critic not in CRITICS:
         raise ValueError(f"ppo.critic: unknown value {c.critic!r} (use {' or '.join(CRITICS)})")
@@ -119,7 +123,7 @@ def resolve_ppo_config(c: PPOConfig, *, use_reward_model: bool) -> PPOConfig:
         raise ValueError(f"ppo.value_lr must be > 0 (or null for ppo.lr), got {c.value_lr}")
     if c.critic_warmup_steps < 0:
         raise ValueError(f"ppo.critic_warmup_steps must be >= 0, got {c.critic_warmup_steps}")
-    if c.critic_warmup_steps and c.advantage != "gae":
+    if c.critic_warmup_steps and not est.needs_critic:
         raise ValueError(f"ppo.critic_warmup_steps: ppo.advantage={c.advantage} has no critic to warm up")
     norm = c.reward_norm
     if norm not in ("auto",) + REWARD_NORMS:
@@ -179,7 +183,7 @@ def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, t
     """Backbone with the policy adapter (+ frozen sft / reward adapters, + the ``value`` adapter
     of an adapter critic) set up for PPO, every dropout off."""
     c = resolve_ppo_config(cfg.ppo, use_reward_model=use_reward_model)
-    value_adapter = c.advantage == "gae" and c.critic == "adapter"
+    value_adapter = get_estimator(c.advantage).needs_critic and c.critic == "adapter"
     sft_ckpt = _stage_checkpoint(c.sft_checkpoint, Path(cfg.run_dir), "sft")
     rm_ckpt = _stage_checkpoint(c.reward_checkpoint, Path(cfg.run_dir), "rm") if use_reward_model else None
     if use_reward_model and rm_ckpt is None:
@@ -380,7 +384,7 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
         reward_fn = load_reward_fn(cfg.ppo.reward_fn)
     c = resolve_ppo_config(cfg.ppo, use_reward_model=reward_fn is None)  # every key checked before the model load
     stage = Stage(cfg, "ppo", callbacks)
-    critic = c.advantage == "gae"
+    critic = get_estimator(c.advantage).needs_critic
     own_critic = critic and c.critic == "adapter"
     tok = load_tokenizer(cfg.model)
     prompts = load_prompts(c.prompts, tok, c.max_prompt_length)  # data errors before the model load

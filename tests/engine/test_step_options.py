@@ -75,10 +75,14 @@ def test_bad_step_options_name_the_key(key, value, match):
         validate(apply_overrides(RunConfig(), {key: value}))
 
 
-def test_scale_rewards_needs_grpo():
-    with pytest.raises(ValueError, match="ppo.scale_rewards.*grpo only"):
-        validate(apply_overrides(RunConfig(), {"ppo.scale_rewards": "none"}))
-    validate(apply_overrides(RunConfig(), {"ppo.scale_rewards": "none", "ppo.advantage": "grpo", "ppo.n_samples": 2}))
+def test_scale_rewards_needs_an_estimator_that_scales():
+    from rlfuse.engine.config import PPOConfig
+    from rlfuse.engine.ppo import resolve_ppo_config
+
+    for advantage in ("gae", "rloo"):
+        with pytest.raises(ValueError, match=f"ppo.scale_rewards=none: ppo.advantage={advantage} does not scale"):
+            resolve_ppo_config(PPOConfig(scale_rewards="none", advantage=advantage, n_samples=2), use_reward_model=False)
+    resolve_ppo_config(PPOConfig(scale_rewards="none", advantage="grpo", n_samples=2), use_reward_model=False)
 
 
 def test_grpo_reward_scaling_by_hand():
@@ -101,3 +105,35 @@ def test_loss_options_follow_the_kernels_rules():
     with pytest.raises(ValueError, match=r"^ppo\.dual_clip must be > 1"):
         resolve_loss_options(PPOConfig(dual_clip=1.0))
     assert resolve_loss_options(PPOConfig(advantage="grpo", n_samples=2)).kl_estimator == "k3+"
+
+
+def test_estimators_declare_their_traits_and_a_new_one_needs_no_other_file(tmp_path):
+    from rlfuse.engine import advantages as A
+    from rlfuse.engine.config import PPOConfig
+    from rlfuse.engine.ppo import resolve_ppo_config
+
+    assert {n: (e.needs_critic, e.grouped, e.kl_in_loss, e.loss_agg) for n, e in A.REGISTRY.items()} == {
+        "gae": (True, False, False, "token-mean"), "grpo": (False, True, True, "seq-mean-token-mean"),
+        "rloo": (False, True, False, "token-mean")}
+    with pytest.raises(ValueError, match=r"^ppo.advantage: unknown estimator 'ppg' \(use one of gae, grpo, rloo\)$"):
+        resolve_ppo_config(PPOConfig(advantage="ppg"), use_reward_model=False)
+
+    @A.register_estimator("mean-baseline", needs_critic=False, grouped=True, kl_in_loss=True, loss_agg="token-mean")
+    def _mean_baseline(ro, *, n_samples, **_):
+        g = ro.scores.view(-1, n_samples)
+        return (g - g.mean(1, keepdim=True)).reshape(-1)[:, None] * ro.response_mask, None
+
+    try:
+        c = resolve_ppo_config(PPOConfig(advantage="mean-baseline", n_samples=2), use_reward_model=False)
+        assert c.kl_in_loss and c.loss_agg == "token-mean" and c.kl_estimator == "k3+"
+        with pytest.raises(ValueError, match="compares samples of a prompt"):
+            resolve_ppo_config(PPOConfig(advantage="mean-baseline", n_samples=1), use_reward_model=False)
+
+        class Ro:
+            scores = torch.tensor([1.0, 3.0, 2.0, 2.0])
+            response_mask = torch.ones(4, 2)
+
+        adv, ret = A.compute_advantages(Ro, estimator="mean-baseline", n_samples=2, kl_coef=0.1, kl_in_loss=True)
+        assert ret is None and adv[:, 0].tolist() == [-1.0, 1.0, 0.0, 0.0]
+    finally:
+        del A.REGISTRY["mean-baseline"]
