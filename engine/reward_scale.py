@@ -90,19 +90,27 @@ def load_or_calibrate(rm_checkpoint: str | Path, sample_scores: Callable[[], tor
                       info: dict | None = None) -> dict:
     """``{"mean", "std", "n", ...}`` from ``<rm_checkpoint>/reward_calibration.json``, or, when
     absent, from ``sample_scores()`` (RM scores of SFT-policy samples), written atomically there
-    for every later run on this reward model. Delete the file to recalibrate."""
+    for every later run on this reward model. ``info``: the settings the scores depend on (SFT
+    checkpoint, temperature, samples per prompt, max new tokens), recorded in the file; a file
+    measured under other settings is redone (with a log line), never reused silently. Delete
+    the file to recalibrate."""
     path = Path(rm_checkpoint) / CALIBRATION_FILE
+    info = dict(info or {})
     if path.is_file():
         try:
             stats = json.loads(path.read_text())
             float(stats["mean"]), float(stats["std"])
-            return stats
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: unreadable reward calibration ({exc}); delete it to recalibrate") from None
+        changed = {k: (stats.get(k, "not recorded"), v) for k, v in info.items() if stats.get(k, object()) != v}
+        if not changed:
+            return stats
+        print(f"[rlfuse] {path}: measured under other settings ("
+              + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()) + "); recalibrating")
     scores = sample_scores().double().flatten()
     if scores.numel() < 2:
         raise ValueError("reward calibration needs at least 2 sampled completions")
-    stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": scores.numel(), **(info or {})}
+    stats = {"mean": scores.mean().item(), "std": scores.std().item(), "n": scores.numel(), **info}
     if D.world().is_main:  # data-parallel ranks computed the same numbers; one writes them
         write_json_atomic(path, stats)
     return stats

@@ -137,3 +137,24 @@ def test_estimators_declare_their_traits_and_a_new_one_needs_no_other_file(tmp_p
         assert ret is None and adv[:, 0].tolist() == [-1.0, 1.0, 0.0, 0.0]
     finally:
         del A.REGISTRY["mean-baseline"]
+
+
+def test_reward_calibration_is_redone_when_its_settings_change(tmp_path, capsys):
+    from rlfuse.engine.reward_scale import load_or_calibrate
+
+    calls = []
+
+    def sample():
+        calls.append(1)
+        return torch.tensor([1.0, 2.0, 3.0]) * len(calls)
+
+    first = {"sft_checkpoint": "runs/a/sft/ckpt-1", "temperature": 1.0, "n_samples": 4, "max_new_tokens": 20}
+    assert load_or_calibrate(tmp_path, sample, info=first)["mean"] == pytest.approx(2.0)
+    assert load_or_calibrate(tmp_path, sample, info=first)["mean"] == pytest.approx(2.0) and len(calls) == 1
+    capsys.readouterr()
+    hotter = {**first, "temperature": 0.7}
+    stats = load_or_calibrate(tmp_path, sample, info=hotter)
+    assert len(calls) == 2 and stats["mean"] == pytest.approx(4.0) and stats["temperature"] == 0.7
+    out = capsys.readouterr().out
+    assert "temperature 1.0 -> 0.7" in out and "recalibrating" in out and len(out.strip().splitlines()) == 1
+    assert load_or_calibrate(tmp_path, sample, info=hotter)["mean"] == pytest.approx(4.0) and len(calls) == 2
