@@ -5,12 +5,15 @@
     rlfuse ppo      --prompts prompts.jsonl  [--reward-fn module:function] [--advantage gae|grpo|rloo]
     rlfuse pipeline --sft-data A --rm-data B [--prompts C] [--reward-fn module:function]
     rlfuse plot     RUN_DIR [--out DIR]
+    rlfuse export   CHECKPOINT --out DIR [--adapter-only] [--role reward]   (HF / peft / seq-cls)
+    rlfuse generate CHECKPOINT --prompts F --out F.jsonl [--temperature T]
+    rlfuse chat     CHECKPOINT [--temperature T] [--system TEXT]
     rlfuse memory   [--model tiny-small] [--batch-size 4] [--seq-len 128]
     rlfuse demo ... / rlfuse bench ...       (forwarded to their own modules)
     rlfuse label sample|serve|export|stats   (people rank responses; see rlfuse.engine.label)
 
 Common options: --config FILE|PRESET, --set key=value (repeatable), --run-dir, --model,
---device, --seed, --max-steps, --resume, --no-progress. Precedence: defaults < config
+--device, --seed, --max-steps, --resume, --no-progress, --split, --report-to. Precedence: defaults < config
 file (or, with --resume, the run's saved config.yaml) < typed flags < --set.
 
 This module imports nothing heavy at import time; torch/transformers load per command.
@@ -164,7 +167,12 @@ def make_config(args):
     if args.command == "pipeline" or not saved.is_file():
         saved = Path(cfg.run_dir) / "config.yaml"
     if args.resume and args.config is None and saved.is_file():  # continue with the run's own config
-        cfg = load_config(saved)
+        try:
+            cfg = load_config(saved)
+        except ValueError as exc:
+            where = "" if str(saved) in str(exc) else f"{saved}: "
+            raise ValueError(f"{where}{exc}; --resume reads this saved config: repair it, or pass --config "
+                             "with the run's settings") from None
         apply_overrides(cfg, typed)
         apply_overrides(cfg, args.overrides)
     return cfg
@@ -227,7 +235,20 @@ def _launch_data_parallel(nproc: int, argv: list[str]) -> int:
             rest.append(a)
     if launched_by_torchrun():
         raise ValueError("--nproc-per-node given inside a torchrun job: use one or the other")
-    rc = subprocess.call(torchrun_command(nproc, rest))
+    from .stop import Terminated, sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        proc = subprocess.Popen(torchrun_command(nproc, rest))
+        try:
+            rc = proc.wait()
+        except Terminated:  # `kill` of this launcher: torchrun passes SIGTERM to every rank, and
+            proc.terminate()  # rank 0 says where the run stopped, as a single process does
+            proc.wait()
+            return Terminated.exit_code
+        except BaseException:  # Ctrl-C and the rest: as subprocess.call did
+            proc.kill()
+            proc.wait()
+            raise
     if rc != 0:
         print(f"rlfuse: error: a data-parallel rank failed (exit {rc}); see its message above. "
               "The last complete checkpoint is kept: continue with --resume", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""JSONL datasets -> token ids, through the tokenizer's own chat template.
+"""Datasets -> token ids, through the tokenizer's own chat template.
+
+Files are JSONL, or anything ``datasets`` reads (engine/dataset_files.py); TRL's dataset
+formats are turned into the records below first (engine/trl_formats.py).
 
 Accepted lines:
     SFT      {"prompt": str, "response": str}   or   {"messages": [{"role", "content"}, ...]}
@@ -26,10 +29,28 @@ from pathlib import Path
 
 import torch
 
+from .textcheck import lone_surrogate_message
+
 
 # --------------------------------------------------------------------------- reading
 
-def read_jsonl(path, hint: str = "the stage's data file, e.g. --data train.jsonl") -> list[tuple[int, dict]]:
+def read_jsonl(path, hint: str = "the stage's data file, e.g. --data train.jsonl") -> list[tuple[int | str, dict]]:
+    """(place, record) of every record of a dataset in any format we read: JSONL (place: the
+    line number), or through ``datasets`` a save_to_disk folder, parquet, arrow, csv or json
+    (place: "row N"; engine/dataset_files.py). Columns are renamed by the run's ``data.*_column``
+    keys and TRL's formats turned into ours (engine/trl_formats.py)."""
+    from .dataset_files import column_map, is_datasets_source, read_rows, rename
+    from .trl_formats import to_engine_record
+
+    if path is not None and Path(path).exists() and is_datasets_source(Path(path)):
+        rows = read_rows(path)
+    else:
+        rows = _read_jsonl_file(path, hint)
+    renames = column_map()
+    return [(n, to_engine_record(rename(r, renames), _where(path, n))) for n, r in rows]
+
+
+def _read_jsonl_file(path, hint: str) -> list[tuple[int, dict]]:
     """(line number, record) for every non-blank line; clear errors for the rest: invalid
     UTF-8, malformed JSON and non-finite numbers (NaN, Infinity, 1e999) in any field name
     file:line. ``hint`` says how to give the file when none is given."""
@@ -56,6 +77,8 @@ def read_jsonl(path, hint: str = "the stage's data file, e.g. --data train.jsonl
                 raise ValueError(f"{p}:{lineno}: non-finite number {exc} (NaN and infinities are not data)") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{p}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            if problem := lone_surrogate_message(record):  # the tokenizer would fail on it later
+                raise ValueError(f"{p}:{lineno}: {problem}")
             rows.append((lineno, record))
     if not rows:
         raise ValueError(f"{p}: dataset is empty")

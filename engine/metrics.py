@@ -28,9 +28,10 @@ class RunLog:
     """``writer=False`` (data-parallel ranks > 0): reads work, writes are dropped, so the one
     run directory is written by rank 0 only."""
 
-    def __init__(self, run_dir, writer: bool = True):
+    def __init__(self, run_dir, writer: bool = True, trackers=()):
         self.dir = Path(run_dir)
         self.writer = writer
+        self.trackers = list(trackers) if writer else []  # TensorBoard / W&B (engine/tracking.py)
         if writer:
             self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -40,8 +41,17 @@ class RunLog:
     def log(self, row: dict) -> None:
         if not self.writer:
             return
+        row = {k: _jsonable(v) for k, v in row.items()}
         with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            fh.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:  # the same row, so the curves match metrics.jsonl
+            tracker.log(row)
+
+    def close(self) -> None:
+        """Flush and close the trackers (the JSONL needs nothing)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def samples(self, rows: list[dict]) -> None:
         if not self.writer:
@@ -57,18 +67,34 @@ class RunLog:
         for path in (self.metrics_path, self.samples_path) if self.writer else ():
             if not path.is_file():
                 continue
-            text = path.read_text()
+            raw = path.read_bytes()
+            text = raw.decode("utf-8", errors="replace")  # damaged bytes: \ufffd, so the file is rewritten
             lines = [line for line in text.splitlines() if line.strip()]
             kept = [line for line in lines if _complete(line)  # a half-written last line from a kill goes
                     and not (_row(line).get("stage") == stage and _row(line).get("step", 0) > step)]
-            if len(kept) != len(lines) or not text.endswith("\n"):  # rewrite only when something goes
+            damaged = text.encode() != raw  # invalid UTF-8 was replaced: write back the repaired text
+            if len(kept) != len(lines) or not text.endswith("\n") or damaged:  # rewrite only when something goes
                 write_text_atomic(path, "".join(line + "\n" for line in kept))
             if path == self.metrics_path:
                 dropped = len(lines) - len(kept)
         return dropped
 
     def summary(self) -> dict:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
+        if not self.summary_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.summary_path.read_bytes())
+        except ValueError:  # not UTF-8 or not JSON
+            data = None
+        if isinstance(data, dict):
+            return data
+        # derived data, rewritten as stages finish: keep the damaged copy aside and start afresh
+        aside = self.summary_path.with_name(self.summary_path.name + ".damaged")
+        if self.writer:
+            self.summary_path.replace(aside)
+        print(f"[rlfuse] warning: {self.summary_path} is damaged (not a JSON object); "
+              + (f"moved it to {aside.name} and starting a new one" if self.writer else "ignoring it"))
+        return {}
 
     def update_summary(self, stage: str, values: dict) -> dict:
         data = self.summary()
@@ -80,17 +106,19 @@ class RunLog:
 
 def _complete(line: str) -> bool:
     try:
-        json.loads(line)
-        return True
+        row = json.loads(line)
+        # a row (its step a number); anything else is damage
+        return isinstance(row, dict) and isinstance(row.get("step", 0), (int, float))
     except json.JSONDecodeError:
         return False
 
 
 def _row(line: str) -> dict:
     try:
-        return json.loads(line)
+        row = json.loads(line)
     except json.JSONDecodeError:  # a half-written last line from a kill: drop it
         return {"stage": None}
+    return row if isinstance(row, dict) else {"stage": None}
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -394,10 +394,12 @@ def prefill_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int
 def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                   max_new_tokens: int, eos_token_ids, pad_token_id: int, temperature: float = 1.0,
                   greedy: bool = False, row_keys=None, top_k=None, top_p=None,
-                  compile: bool | str = False) -> SampleOutput:
+                  compile: bool | str = False, on_token=None) -> SampleOutput:
     """Sample completions of left-padded prompts with ``decoder`` (a HF decoder with its adapters
     as they are: set the active adapter before calling) and ``lm_head``. ``row_keys``: one tuple
-    of ints per row, the only source of that row's randomness (required unless ``greedy``)."""
+    of ints per row, the only source of that row's randomness (required unless ``greedy``).
+    ``on_token(rows, tokens)``: called after every step with the rows still decoding and the
+    token each just drew (to stream text, e.g. ``rlfuse chat``)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     check_request(input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                   greedy=greedy, top_k=top_k, top_p=top_p, row_keys=row_keys,
@@ -425,6 +427,8 @@ def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_m
         n_steps = t + 1
         tok, lp = pick_tokens(z, None if greedy else uniforms[active, t], temperature)
         tokens[active, t], logprobs[active, t] = tok, lp
+        if on_token is not None:
+            on_token(active, tok)
         done = torch.isin(tok, eos)
         if done.any():
             finished[active[done]] = True
@@ -444,7 +448,7 @@ def sample_tokens(decoder, lm_head, config, input_ids: torch.Tensor, attention_m
 
 def sample(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
            temperature: float = 1.0, adapter: str | None = "policy", greedy: bool = False, row_keys=None,
-           top_k=None, top_p=None, compile: bool | str | None = None) -> SampleOutput:
+           top_k=None, top_p=None, compile: bool | str | None = None, on_token=None) -> SampleOutput:
     """:func:`sample_tokens` with one adapter of a :class:`~rlfuse.engine.backbone.Backbone`
     active (None: the bare base model), in eval mode (no LoRA dropout). ``compile=None``: the
     backbone's ``compile_sampler`` setting."""
@@ -459,6 +463,6 @@ def sample(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, m
                                  attention_mask, max_new_tokens=max_new_tokens,
                                  eos_token_ids=backbone.eos_token_ids(), pad_token_id=backbone.tokenizer.pad_token_id,
                                  temperature=temperature, greedy=greedy, row_keys=row_keys, top_k=top_k,
-                                 top_p=top_p, compile=compile)
+                                 top_p=top_p, compile=compile, on_token=on_token)
     finally:
         model.train(was_training)
