@@ -2,9 +2,12 @@
 
     role       adapter                         head                          trained
     policy     "policy"                        LM head -> fused log-probs    yes
-    value      (same forward as the policy)    value head                    yes
+    value      the policy's forward, or        value head                    yes
+               "value" (ppo.critic=adapter)
     reference  "sft" (or the bare base)        LM head -> fused log-probs    no
     reward     "reward"                        reward head on last token     no (in PPO)
+
+(``ROLES`` below is this table in code; other modules name adapters through it.)
 
 Hidden states are taken from the decoder (the model without its LM head), and the LM
 head is only ever applied through ``K.linear_logprobs``, which never materialises the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 import re
 import tempfile
 import warnings
@@ -28,8 +32,26 @@ from torch import nn
 import rlfuse.kernels as K
 
 from .config import ModelConfig, check_lora_targets, resolve_device
+
+
+@dataclass(frozen=True)
+class Role:
+    adapter: str  # the LoRA adapter's name in the peft model
+    head: str     # what reads its last hidden states
+    stage: str    # the stage that trains it (frozen in every later one)
+
+
+# The backbone's roles, the one table: every other module names adapters through it.
+ROLES = {
+    "policy": Role("policy", "lm_head", "ppo"),
+    "reference": Role("sft", "lm_head", "sft"),  # the frozen SFT adapter (the bare base when no SFT ran)
+    "reward": Role("reward", "reward_head", "rm"),
+    "value": Role("value", "value_head", "ppo"),  # ppo.critic=adapter; shared: the policy's own forward
+}
+POLICY, REFERENCE, REWARD, VALUE = (ROLES[r].adapter for r in ("policy", "reference", "reward", "value"))
 from .heads import ScalarHead, gather_last
 from .lm_head_options import lm_head_logit_options
+from .model_files import check_gguf, check_model_dir
 
 class _DropMissingCpuKernelNotice(logging.Filter):
     # bitsandbytes logs this at import on every AVX512-BF16 CPU without the optional `kernels`
@@ -159,8 +181,11 @@ class Backbone:
             return
         try:
             result = set_peft_model_state_dict(self.model, state, adapter_name=name)
-        except RuntimeError as exc:  # shape mismatch
-            raise ValueError(f"adapter checkpoint does not fit adapter {name!r} {hint}: {exc}") from None
+        except RuntimeError as exc:  # shape mismatch: torch lists every tensor; the first says enough
+            mismatches = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+            detail = (f"{mismatches[0]} (and {len(mismatches) - 1} more)" if mismatches
+                      else str(exc).splitlines()[0])
+            raise ValueError(f"adapter checkpoint does not fit adapter {name!r} {hint}: {detail}") from None
         missing = [k for k in result.missing_keys if re.search(_adapter_key_pattern(name), k)]
         if missing or result.unexpected_keys:
             raise ValueError(f"adapter checkpoint does not fit adapter {name!r} {hint}: missing {missing[:3]}, "
@@ -204,12 +229,12 @@ class Backbone:
 
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reward-head score of each row's last real token, with the ``reward`` adapter active."""
-        with self.use("reward"):
+        with self.use(REWARD):
             hidden = self.hidden_states(input_ids, attention_mask)
         return self.reward_head(gather_last(hidden, attention_mask))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                 temperature: float = 1.0, adapter: str | None = "policy", greedy: bool = False,
+                 temperature: float = 1.0, adapter: str | None = POLICY, greedy: bool = False,
                  row_keys=None) -> torch.Tensor:
         """[B, P + R] prompt | completion tokens from the engine's own sampler (``sampler.py``):
         exactly softmax(logits / T) whatever the checkpoint's generation_config says, so the
@@ -277,6 +302,7 @@ def _locate(cfg: ModelConfig) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
+        check_gguf(path)  # a short file names itself here, not as a numpy dtype error
         return str(path.parent), path.name
     if not path.is_dir():
         raise FileNotFoundError(f"model not found: {cfg.name_or_path} (expected a preset ('tiny', 'tiny-small'), "
@@ -284,14 +310,17 @@ def _locate(cfg: ModelConfig) -> tuple[str, str | None]:
     if cfg.gguf_file:
         if not (path / cfg.gguf_file).is_file():
             raise FileNotFoundError(f"model file not found: {path / cfg.gguf_file}")
+        check_gguf(path / cfg.gguf_file)
         return str(path), cfg.gguf_file
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
+            check_gguf(ggufs[0])
             return str(path), ggufs[0].name
         raise FileNotFoundError(f"model not found: {path} has no config.json"
                                 + (f" (several .gguf files; set model.gguf_file)" if ggufs else ""))
     _check_model_config(path / "config.json")
+    check_model_dir(path)  # tokenizer and weight files present and whole (a partial download is named)
     return str(path), None
 
 
@@ -355,7 +384,7 @@ def _load_base_model(cfg: ModelConfig, tokenizer, device: str, dtype: torch.dtyp
     return model if qconfig is not None else model.to(device)
 
 
-def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=("policy",), tokenizer=None) -> Backbone:
+def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=(POLICY,), tokenizer=None) -> Backbone:
     """Load (or build, for a ``tiny`` preset) the base model, then wrap it with LoRA adapters
     named ``adapters`` (all of the same LoRA shape)."""
     from peft import LoraConfig, get_peft_model

@@ -114,9 +114,16 @@ def checkpoint_loads(ckpt: Path) -> bool:
                 with safe_open(str(ckpt / name), framework="pt") as fh:
                     for key in fh.keys():
                         fh.get_tensor(key)
-        json.loads((ckpt / "adapter_config.json").read_text())
-        load_trainer_state(ckpt)
-        return True
+        if not isinstance(json.loads((ckpt / "adapter_config.json").read_bytes()), dict):
+            return False
+        state = load_trainer_state(ckpt)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return False
+        if "rng" in state:  # a state that unpickles can still hold damaged RNG tuples: restore them
+            # into scratch generators, so resume falls back to an older checkpoint instead of failing
+            random.Random().setstate(state["rng"]["python"])
+            torch.Generator().set_state(state["rng"]["torch"])
+        return "optimizer" not in state or isinstance(state["optimizer"], dict)
     except Exception:  # any parse error means "not a usable checkpoint"
         return False
 
@@ -127,10 +134,10 @@ def latest_checkpoint(stage_dir, *, verify: bool = False) -> Path | None:
     also loads every file (resume does: a truncated file must not be resumed from)."""
     stage_dir = Path(stage_dir)
     ok = checkpoint_loads if verify else (lambda c: all((c / f).is_file() for f in CKPT_FILES))
-    pointer = stage_dir / LATEST
-    if pointer.is_file():
-        ckpt = stage_dir / pointer.read_text().strip()
-        if ckpt.name.startswith("ckpt-") and ok(ckpt):
+    name = latest_pointer(stage_dir)
+    if name is not None and _is_ckpt_name(name):
+        ckpt = stage_dir / name
+        if ok(ckpt):
             return ckpt
     for ckpt in sorted((p for p in stage_dir.glob("ckpt-*") if p.is_dir()), reverse=True):
         if ok(ckpt):
@@ -139,9 +146,26 @@ def latest_checkpoint(stage_dir, *, verify: bool = False) -> Path | None:
 
 
 def latest_pointer(stage_dir) -> str | None:
-    """The folder name ``latest`` holds, if any (to report a fallback)."""
+    """The folder name ``latest`` holds, if any (to report a fallback). A pointer that is not
+    text (overwritten with binary garbage) is returned escaped, so it names no checkpoint and
+    the caller falls back as it does for a missing folder."""
     pointer = Path(stage_dir) / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    try:
+        raw = pointer.read_bytes()
+    except OSError:
+        return "<unreadable>"
+    return raw.decode("utf-8", errors="backslashreplace").strip()[:200]
+
+
+def _is_ckpt_name(name: str) -> bool:
+    # a bare folder name: "ckpt-" then digits, never a path that leaves the stage folder
+    return name.startswith("ckpt-") and name[5:].isdigit()
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
 
 
 def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -179,13 +203,20 @@ def save_checkpoint(stage_dir, step: int, *, adapter: dict[str, torch.Tensor], a
     assert_finite(heads or {}, "head")
     assert_finite(_optimizer_tensors(trainer_state), "optimizer state")
     ckpt = stage_dir / f"ckpt-{step:07d}"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(adapter, ckpt / "adapter_model.safetensors", metadata={"format": "pt", "step": str(step)})
-    write_json_atomic(ckpt / "adapter_config.json", adapter_config)
-    if heads:
-        save_safetensors_atomic(heads, ckpt / "heads.safetensors", metadata={"step": str(step)})
-    save_torch_atomic(trainer_state, ckpt / "trainer_state.pt")
-    write_text_atomic(stage_dir / LATEST, ckpt.name)  # the commit point
+    existed = ckpt.exists()
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(adapter, ckpt / "adapter_model.safetensors",
+                                metadata={"format": "pt", "step": str(step)})
+        write_json_atomic(ckpt / "adapter_config.json", adapter_config)
+        if heads:
+            save_safetensors_atomic(heads, ckpt / "heads.safetensors", metadata={"step": str(step)})
+        save_torch_atomic(trainer_state, ckpt / "trainer_state.pt")
+        write_text_atomic(stage_dir / LATEST, ckpt.name)  # the commit point
+    except OSError:
+        if not existed:  # a half-filled new folder helps no one and holds space the user needs
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
     _prune(stage_dir, keep=max(1, keep), current=ckpt.name)
     return ckpt
 
@@ -205,3 +236,17 @@ def load_trainer_state(ckpt) -> dict:
 def load_heads(ckpt) -> dict[str, torch.Tensor]:
     p = Path(ckpt) / "heads.safetensors"
     return load_safetensors(p) if p.is_file() else {}
+
+
+def load_into_backbone(backbone, ckpt, adapter: str, heads: dict | None = None) -> Path:
+    """A checkpoint's LoRA tensors into ``adapter`` of ``backbone``, and for each ``name: module``
+    of ``heads`` the tensors saved as ``<name>.<key>`` in its heads.safetensors: the one way a
+    checkpoint is loaded (resume, the PPO roles, the reward model's SFT start, the demo,
+    sampling for labels, export). Returns the checkpoint folder."""
+    ckpt = Path(ckpt)
+    backbone.load_adapter_state_dict(adapter, load_safetensors(ckpt / "adapter_model.safetensors"))
+    if heads:
+        saved = load_heads(ckpt)
+        for name, module in heads.items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")})
+    return ckpt

@@ -112,8 +112,13 @@ class PPOConfig:
     lam: float = 0.95
     whiten_advantages: bool = True  # gae only; group estimators are already normalised
     scale_rewards: str = "group"  # grpo: divide by the group's std | batch: the batch's std | none (Dr. GRPO)
+    # DAPO's dynamic sampling (grouped estimators): groups whose raw rewards are all equal teach
+    # nothing and are dropped; fresh prompts refill the batch, up to max_sampling_rounds samplings
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
     kl_coef: float = 0.05
     kl_in_loss: bool | None = None  # None = auto: True for grpo (DeepSeekMath), else k1 penalty in the reward
+    kl_clamp: float | None = None  # in-loss KL: each token's estimate clamped to +-kl_clamp (verl/OpenRLHF: 10)
     kl_estimator: str = "auto"  # in-loss KL: auto (k3+) | k2 | k3 | k1+ | k3+ (k1 only as a reward penalty)
     loss_agg: str = "auto"  # auto | token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller towards target_kl
@@ -271,9 +276,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     if path is not None:
         p = resolve_config_path(str(path))
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{p}: invalid YAML ({exc})") from None
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{p}: not UTF-8 text (byte {exc.start + 1}), so not a config file") from None
+        except yaml.YAMLError as exc:  # its str() spans several lines: keep the problem and where
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{p}: invalid YAML{where} ({getattr(exc, 'problem', None) or 'cannot parse'})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p}: expected a mapping of config keys at the top level")
         for key, value in _flatten(data).items():
@@ -372,7 +381,7 @@ _CHECKS = {
                      "rm.epochs", "rm.max_steps", "rm.batch_size", "rm.max_length", "rm.micro_batch_size",
                      "ppo.max_steps", "ppo.batch_size", "ppo.n_samples", "ppo.max_prompt_length",
                      "ppo.max_new_tokens", "ppo.ppo_epochs", "ppo.minibatch_size", "ppo.kl_horizon",
-                     "ppo.score_batch_size", "ppo.micro_batch_size"],
+                     "ppo.score_batch_size", "ppo.micro_batch_size", "ppo.max_sampling_rounds"],
     "positive": ["sft.adam_eps", "rm.adam_eps", "ppo.adam_eps",
                  "model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
                  "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.temperature",

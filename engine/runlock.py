@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 import threading
 from pathlib import Path
+
+from .stop import os_error_message
 
 LOCK_NAME = ".lock"
 
 
 class RunDirLocked(ValueError):
     """Another live process holds the run directory."""
+
+
+class RunDirUnwritable(ValueError):
+    """The run directory cannot be created or written (checked before any model loads)."""
+
+
+def _probe_writable(run_dir: Path) -> None:
+    """Create and remove one file: the lock file alone may be writable in a folder that is not
+    (or on a filesystem remounted read-only), and every checkpoint needs new files."""
+    fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-test-")
+    os.close(fd)
+    os.remove(probe)
 
 
 _held: dict[Path, list] = {}  # resolved lock path -> [open file, holders]
@@ -75,14 +90,23 @@ class RunLock:
 def lock_run_dir(run_dir) -> RunLock:
     """Take the run directory (creating it), or raise RunDirLocked naming the holder's pid."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = (run_dir / LOCK_NAME).resolve()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirUnwritable(f"--run-dir {run_dir} is a file, not a directory; choose another path or move "
+                               "the file")
+    path = (run_dir / LOCK_NAME).absolute()
     with _mutex:
-        if path in _held:
-            _held[path][1] += 1
-            return RunLock(path)
-        # never unlinked: unlinking a lock file lets two processes lock two different inodes
-        fh = open(path, "a+")
+        if path.resolve() in _held:
+            _held[path.resolve()][1] += 1
+            return RunLock(path.resolve())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _probe_writable(run_dir)
+            # never unlinked: unlinking a lock file lets two processes lock two different inodes
+            fh = open(path, "a+")
+        except OSError as exc:  # read-only filesystem, no permission, a file in the path...
+            raise RunDirUnwritable(f"cannot write the run directory {run_dir}: {os_error_message(exc)}, "
+                                   "or choose another --run-dir") from None
+        path = path.resolve()
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -25,8 +25,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import (LATEST, CheckpointWriteError, latest_checkpoint, latest_pointer, load_heads,
-                         load_safetensors, load_trainer_state, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (LATEST, CheckpointWriteError, latest_checkpoint, latest_pointer, load_into_backbone,
+                         load_trainer_state, rng_state, save_checkpoint, set_rng_state)
 from .config import RunConfig, resolve_device, save_config, validate
 from . import distributed as D
 from .metrics import RunLog
@@ -96,6 +96,12 @@ class Stage:
         global _active
         validate(cfg)  # before anything loads or is written
         self.cfg, self.name = cfg, name
+        from .dataset_files import configure
+
+        configure(cfg.data)  # split / column names of the datasets this stage reads
+        from .tracking import check_installed
+
+        check_installed(cfg.report_to)  # an unknown tracker or missing package: before anything loads
         self.run_dir = Path(cfg.run_dir)
         self.dir = self.run_dir / name
         # joins the torchrun job when there is one (device cuda:LOCAL_RANK on GPUs)
@@ -121,12 +127,39 @@ class Stage:
             self.release()
             raise ValueError(f"{self.dir} already holds a {name} checkpoint; pass --resume to continue it "
                              "or choose a new --run-dir")
+        if self.ckpt is not None and (problem := self._resume_mismatch()):
+            self.release()  # refused before the model loads, and before anything is written
+            raise ValueError(problem)
         set_seed(cfg.seed)
         self.started = time.time()
         self.runtime_before = 0.0  # seconds spent by earlier runs of this stage (from the checkpoint)
         self.step_done = 0
         self.skipped = 0  # updates dropped by nonfinite=skip
         _active = weakref.ref(self)  # weak: an abandoned stage is collected and its lock released
+
+    def _resume_mismatch(self) -> str | None:
+        """Why this command cannot continue the checkpoint (a changed adapter shape), or None."""
+        import json
+
+        model = self.cfg.model
+        try:
+            trained = json.loads((self.ckpt / "adapter_config.json").read_bytes())
+            trained_r = trained.get("r") if isinstance(trained, dict) else None
+        except (OSError, ValueError):
+            trained_r = None  # checked by latest_checkpoint(verify=True); nothing to compare
+        saved = stage_config_path(self.run_dir, self.name)
+        trained_targets = None
+        if saved.is_file():
+            from .config import load_config
+
+            trained_targets = load_config(saved).model.lora_target_modules
+        for key, trained, now in (("lora_r", trained_r, model.lora_r),
+                                  ("lora_target_modules", trained_targets, model.lora_target_modules)):
+            if trained is not None and trained != now:
+                return (f"--resume: {self.ckpt.name} of {self.name} was trained with model.{key}={trained}, this "
+                        f"command sets {now}; resume without changing it, or start a new --run-dir to train "
+                        "with the new value")
+        return None
 
     def release(self) -> None:
         """Give the run directory's lock back (idempotent)."""
@@ -138,10 +171,17 @@ class Stage:
 
     def attach(self, backbone, adapter: str, heads: dict[str, torch.nn.Module], optimizer) -> None:
         """What gets checkpointed: one trained adapter, its heads, the optimizer. The run
-        directory is written from here on (a run that fails on its inputs leaves only the lock file)."""
+        directory is written once :meth:`restore` has succeeded (a run that fails on its inputs,
+        or a --resume refused while loading the checkpoint, leaves only the lock file)."""
         self.backbone, self.adapter, self.heads, self.optimizer = backbone, adapter, heads, optimizer
         apply_lr_schedule(optimizer, 1.0)  # records each group's base lr before a restore overwrites lr
-        self.log = RunLog(self.run_dir, writer=self.world.is_main)  # rank 0 writes the run directory
+        from .config import to_dict
+        from .tracking import make_trackers
+
+        trackers = make_trackers(self.cfg.report_to, self.run_dir, to_dict(self.cfg)) if self.world.is_main else []
+        self.log = RunLog(self.run_dir, writer=self.world.is_main, trackers=trackers)  # rank 0 writes the run dir
+
+    def _save_configs(self) -> None:
         if self.world.is_main:
             # the stage's own copy is what its --resume reads; the top-level one is the latest stage's
             save_config(self.cfg, stage_config_path(self.run_dir, self.name))
@@ -156,18 +196,18 @@ class Stage:
             if self.cfg.resume:
                 print(f"[rlfuse] {self.name}: no checkpoint in {self.dir} yet; starting it from step 0"
                       + (f" (dropped {dropped} metrics rows of the interrupted run)" if dropped else ""))
+            self._save_configs()
             return 0, {}
-        if self.fell_back:
-            print(f"[rlfuse] {self.name}: '{LATEST}' names {self.fell_back}, which is missing or incomplete; "
-                  f"using {self.ckpt.name}, the newest complete checkpoint")
+        if self.fell_back is not None:  # an empty or garbage pointer falls back too, and says so
+            print(f"[rlfuse] {self.name}: '{LATEST}' names {self.fell_back or '(nothing)'}, which is missing or "
+                  f"incomplete; using {self.ckpt.name}, the newest complete checkpoint")
         state = load_trainer_state(self.ckpt)
-        self.backbone.load_adapter_state_dict(self.adapter, load_safetensors(self.ckpt / "adapter_model.safetensors"))
-        heads = load_heads(self.ckpt)
-        for name, module in self.heads.items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in heads.items() if k.startswith(name + ".")})
+        load_into_backbone(self.backbone, self.ckpt, self.adapter, self.heads)
         D.load_optimizer_state(self.optimizer, state["optimizer"])  # re-shards moments under FSDP2
         set_rng_state(state["rng"])
+        # everything loaded: only now is the run directory touched
         dropped = self.log.truncate(self.name, state["step"])
+        self._save_configs()
         self.runtime_before = float(state.get("runtime_s", 0.0))
         self.step_done = state["step"]
         print(f"[rlfuse] resuming {self.name} from {self.ckpt} (step {state['step']}): restored the adapter"
@@ -261,6 +301,7 @@ class Stage:
         if self.skipped:
             summary["nonfinite_skipped"] = self.skipped
         self.log.update_summary(self.name, summary)
+        self.log.close()
         self.release()
         return summary
 

@@ -71,12 +71,15 @@ def mask_dtype(name: str, mask: Tensor) -> None:
         raise ValueError(f"{name} must be a bool or 0/1 real tensor, got {mask.dtype}")
 
 
-def binary_mask(mask: Tensor, name: str = "mask") -> None:
+def binary_mask(mask: Tensor, name: str = "mask", op: str | None = None) -> None:
     """A mask selects tokens, it does not weight them: bool, or only 0/1 (NaN is refused too).
-    Reads the data, so the ops call it inside their custom op (eager, also under compile)."""
+    Reads the data, so the ops call it inside their custom op (eager, also under compile).
+    ``op`` names the op in the message: every op refuses the same masks with the same words."""
+    mask_dtype(name, mask)
     if mask.dtype == torch.bool or mask.numel() == 0:
         return
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):
-        raise ValueError(f"{name} must be boolean or hold only 0/1 (it selects tokens, it does not "
-                         f"weight them), found {mask[bad][0].item()}")
+        where = f"{op}: " if op else ""
+        raise ValueError(f"{where}{name} must be boolean or hold only 0/1 (it selects tokens, it does "
+                         f"not weight them), found {mask[bad][0].item()}")

@@ -16,7 +16,10 @@ from . import _validate, dispatch
 @torch.library.custom_op("rlfuse::gae", mutates_args=())
 def _gae_op(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float,
             backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.get(backend).gae(rewards, values, mask, gamma, lam)
+    # the 0/1 check reads data, so it runs here (eager, also under compile) for every backend;
+    # backends then only ever see a bool mask
+    _validate.binary_mask(mask, op="gae")
+    return dispatch.get(backend).gae(rewards, values, mask.bool().contiguous(), gamma, lam)
 
 
 @_gae_op.register_fake
@@ -30,7 +33,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, *, gamma: f
 
     delta_t = r_t + gamma * V_next - V_t over valid positions, A_t = delta_t + gamma*lam*A_next,
     the value after a row's last valid token is 0; returns = A + V. Both are 0 where masked.
-    No gradient flows (advantages are targets).
+    No gradient flows (advantages are targets). ``mask`` is bool or only 0/1 (else ValueError);
+    rows of zero time steps give empty outputs.
     """
     _validate.floating("rewards", rewards)
     _validate.floating("values", values)
@@ -41,11 +45,15 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, *, gamma: f
     _validate.unit_interval("lam", lam)
     if rewards.dim() not in (1, 2):
         raise ValueError(f"rewards must be [batch, time] or [time], got shape {tuple(rewards.shape)}")
+    if mask is not None:
+        _validate.mask_dtype("mask", mask)
     squeeze = rewards.dim() == 1
-    r = rewards.detach().float().reshape(-1, rewards.shape[-1]).contiguous()
-    v = values.detach().float().reshape(-1, values.shape[-1]).contiguous()
+    # explicit row count: reshape(-1, 0) cannot infer the rows of a [B, 0] batch
+    rows = (1 if squeeze else rewards.shape[0], rewards.shape[-1])
+    r = rewards.detach().float().reshape(rows).contiguous()
+    v = values.detach().float().reshape(rows).contiguous()
     m = (torch.ones_like(r, dtype=torch.bool) if mask is None
-         else mask.detach().reshape(r.shape).bool().contiguous())
+         else mask.detach().reshape(rows).contiguous())
     backend = dispatch.resolve(r.device, "gae")
     adv, ret = _gae_op(r, v, m, float(gamma), float(lam), backend)
     if squeeze:

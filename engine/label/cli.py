@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,4 +70,5 @@ def main(argv: list[str]) -> int:
         from .stats import print_stats
 
         print_stats(args.labels, as_json=args.json)
+    sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, where rlfuse's main handles it
     return 0

@@ -77,6 +77,8 @@ def export_records(labels: list[Label], fmt: str, *, margin: bool = False) -> li
 
 
 def export_labels(labels_path, fmt: str, out, *, margin: bool = False) -> dict:
+    if Path(out).is_dir():  # os.replace cannot put a file over a directory
+        raise ValueError(f"--out {out} is a directory: name the JSONL file to write, e.g. {Path(out) / 'labels.jsonl'}")
     labels = read_labels(labels_path)
     records = export_records(labels, fmt, margin=margin)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

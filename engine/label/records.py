@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..textcheck import lone_surrogate_message
+
 
 @dataclass
 class Task:
@@ -95,6 +97,8 @@ def _lines(path):
                 raise ValueError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}){hint}") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            if problem := lone_surrogate_message(rec):  # it could never be written back out
+                raise ValueError(f"{where}: {problem}")
             yield where, rec
 
 

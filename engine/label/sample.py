@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import load_backbone, load_tokenizer
-from ..checkpoint import load_safetensors, resolve_checkpoint, write_text_atomic
-from ..config import ModelConfig
+from ..backbone import POLICY, load_backbone, load_tokenizer
+from ..checkpoint import load_into_backbone, resolve_checkpoint, write_text_atomic
+from ..config import MAX_SEED, ModelConfig, seed_ok
 from ..data import Prompt, encode_prompt, prompt_messages, read_jsonl
 from ..rollout import generate_rollout
 from .records import Task
@@ -46,12 +46,14 @@ def sample_tasks(model: ModelConfig, prompts_path, out, *, k: int = 4, adapter: 
         raise ValueError(f"-k must be >= 2 (a ranking needs at least two responses), got {k}")
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    if not seed_ok(seed):  # before the model loads, as the training verbs check theirs
+        raise ValueError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed}")
     tok = load_tokenizer(model)
     chats = read_prompt_chats(prompts_path)  # input errors before the model load
     ckpt = resolve_checkpoint(adapter) if adapter else None
-    backbone = load_backbone(model, device=device, adapters=["policy"], tokenizer=tok)
+    backbone = load_backbone(model, device=device, adapters=[POLICY], tokenizer=tok)
     if ckpt is not None:
-        backbone.load_adapter_state_dict("policy", load_safetensors(ckpt / "adapter_model.safetensors"))
+        load_into_backbone(backbone, ckpt, POLICY)
     torch.manual_seed(seed)
     prompts = [Prompt(user, tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
                       encode_prompt(tok, msgs)[-max_prompt_length:]) for user, _, msgs in chats]

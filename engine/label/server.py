@@ -79,7 +79,11 @@ class LabelHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: int, obj) -> None:
-        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+        try:
+            body = json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # an error message echoing a lone surrogate: \u-escape it
+            body = json.dumps(obj).encode()
+        self._send(status, body, "application/json; charset=utf-8")
 
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": message})
@@ -140,6 +144,8 @@ class LabelHandler(BaseHTTPRequestHandler):
 def make_server(tasks_path, labels_path, *, host: str = "127.0.0.1", port: int = 8000, overlap: int = 1,
                 token: str | None = None) -> LabelServer:
     """A ready server (not yet serving). Beyond loopback a token is always required."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port must be a TCP port from 0 to 65535 (0 = any free port), got {port}")
     store = LabelStore(read_tasks(tasks_path), labels_path, overlap=overlap)
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(16)

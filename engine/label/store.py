@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..textcheck import lone_surrogate_message
 from .records import Label, Task, check_order, check_ranks, read_labels
 
 MAX_NAME = 64
@@ -47,6 +48,8 @@ def check_annotator(name) -> str:
     if not isinstance(name, str) or not name.strip():
         raise LabelError(400, "an annotator name is required")
     name = name.strip()
+    if problem := lone_surrogate_message(name):
+        raise LabelError(400, f"annotator name: {problem}")
     if len(name) > MAX_NAME:
         raise LabelError(400, f"annotator name longer than {MAX_NAME} characters")
     return name
@@ -69,6 +72,21 @@ class LabelStore:
             self._record(label)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a", encoding="utf-8")
+        self._end_last_line()
+
+    def _end_last_line(self) -> None:
+        """A file whose last line lacks its newline (edited by hand, copied, cut short after a
+        complete record) would get the next label glued onto that line: end it first."""
+        size = self.path.stat().st_size
+        if size == 0:
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(size - 1)
+            last = fh.read(1)
+        if last != b"\n":
+            self._fh.write("\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def _record(self, label: Label) -> None:
         self._done.setdefault(label.annotator, set()).add(label.task_id)
@@ -122,6 +140,8 @@ class LabelStore:
             raise LabelError(400, problem)
         if not isinstance(note, str):
             raise LabelError(400, "'note' must be a string")
+        if problem := lone_surrogate_message(note, "note"):  # would not encode into the file
+            raise LabelError(400, problem)
         if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
                                     or not 0 <= seconds < 1e7):
             raise LabelError(400, f"'seconds' must be a number of seconds, got {seconds!r}")

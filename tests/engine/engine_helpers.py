@@ -21,3 +21,13 @@ def write_jsonl(path, rows):
 
 def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def one_line_error(code, err, *words):
+    """A refused command: exit code 2 and ONE line `rlfuse: error: ...` naming ``words``, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rlfuse: error: "), err
+    assert all(w in lines[0] for w in words), err
+    return lines[0]

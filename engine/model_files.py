@@ -1,0 +1,110 @@
+"""Is a local model complete? Cheap checks of its files before transformers reads them.
+
+A partial download or a truncated copy otherwise fails deep inside transformers with a message
+about something else ("You need to have sentencepiece or tiktoken installed" for a folder
+holding only config.json; "When changing to a larger dtype, its size must be a divisor..." for
+a short .gguf). Each check reads headers and sizes only (no weights), and raises a ValueError
+naming the missing or short file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+REFETCH = "a partial download or copy? fetch the model again"
+
+# any one of these lets transformers build a tokenizer (tokenizer_config.json alone suffices for
+# byte-level tokenizers such as ByT5)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def check_model_dir(path: Path) -> None:
+    """A Hugging Face model directory (config.json already checked): tokenizer files and
+    weights present, each weight file as long as its header says."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise ValueError(f"model directory {path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, "
+                         f"...): {REFETCH}")
+    if (path / "tokenizer.json").is_file():
+        _check_json(path / "tokenizer.json")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(_check_json(index).get("weight_map", {}).values()))
+            for shard in shards:
+                if not (path / shard).is_file():
+                    raise ValueError(f"model directory {path} lacks {shard}, a weight shard {index_name} lists: "
+                                     f"{REFETCH}")
+                _check_weights(path / shard)
+            return
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    if not weights:
+        raise ValueError(f"model directory {path} has no weights (model.safetensors or pytorch_model.bin): "
+                         f"{REFETCH}")
+    for w in weights:
+        _check_weights(w)
+
+
+def _check_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{path} is truncated or not JSON ({path.stat().st_size} bytes): {REFETCH}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object: {REFETCH}")
+    return data
+
+
+def _check_weights(path: Path) -> None:
+    if path.suffix == ".safetensors":
+        _check_safetensors(path)
+    elif path.suffix == ".bin":
+        with path.open("rb") as fh:
+            start = fh.read(4)
+        # torch.save writes a zip whose directory is at the end, so a cut file lacks it; a legacy
+        # (pickle) .bin cannot be checked this cheaply and is left to torch
+        if not start or (start == b"PK\x03\x04" and not zipfile.is_zipfile(path)):
+            raise ValueError(f"{path} is truncated or damaged ({path.stat().st_size} bytes, not a complete "
+                             f"torch archive): {REFETCH}")
+
+
+def _check_safetensors(path: Path) -> None:
+    """8 bytes of header length, a JSON header, then the data its offsets point into."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise ValueError(f"{path} is truncated ({size} bytes, shorter than its own header): {REFETCH}")
+        try:
+            header = json.loads(fh.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{path} is damaged (its header is not safetensors JSON): {REFETCH}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is truncated: {size} bytes where its header needs {8 + n + end}: {REFETCH}")
+
+
+def check_gguf(path: Path) -> None:
+    """A .gguf file: the magic, a header that parses, and every tensor inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'): {REFETCH}")
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # transformers then says that gguf is needed
+        return
+    try:
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # noqa: BLE001 - any parse failure of a cut file: name the file, not numpy
+        raise ValueError(f"{path} is truncated or damaged ({size} bytes; {type(exc).__name__} reading it): "
+                         f"{REFETCH}") from None
+    if end > size:
+        raise ValueError(f"{path} is truncated: {size} bytes where its tensors need {end}: {REFETCH}")
