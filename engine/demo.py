@@ -269,17 +269,12 @@ def reward_model_scores(backbone, prompts: list[str], completions: list[str], *,
 def load_stage_adapter(backbone, stage_dir: Path, adapter: str, *, reward_head: bool = False) -> Path:
     """Load the latest checkpoint of an engine stage into ``backbone`` as ``adapter`` (and
     its reward head, for the reward model); returns the checkpoint folder."""
-    from .checkpoint import latest_checkpoint, load_heads, load_safetensors
+    from .checkpoint import latest_checkpoint, load_into_backbone
 
     ckpt = latest_checkpoint(stage_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{stage_dir}: the stage finished without a checkpoint")
-    backbone.load_adapter_state_dict(adapter, load_safetensors(ckpt / "adapter_model.safetensors"))
-    if reward_head:
-        heads = load_heads(ckpt)
-        backbone.reward_head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
-                                              if k.startswith("reward_head.")})
-    return ckpt
+    return load_into_backbone(backbone, ckpt, adapter, {"reward_head": backbone.reward_head} if reward_head else None)
 
 
 # --------------------------------------------------------------------------- annotator

@@ -28,19 +28,19 @@ import rlfuse.kernels as K
 from rlfuse.kernels.ppo_options import KL_ESTIMATORS, LOSS_AGGS, PPOLossOptions
 
 from .advantages import compute_advantages, get_estimator, kl_per_token
-from .backbone import load_backbone, load_tokenizer
-from .checkpoint import latest_checkpoint, load_heads, load_safetensors, resolve_checkpoint
+from .backbone import POLICY, REFERENCE, REWARD, VALUE, load_backbone, load_tokenizer
+from .checkpoint import latest_checkpoint, load_into_backbone, resolve_checkpoint
 from . import distributed as D
 from .config import PPOConfig, RunConfig
 from .data import end_of_turn_id, epoch_batches, load_prompts
 from .metrics import MemoryPhases
 from .optim import gradient_step, make_optimizer
 from .reward_scale import REWARD_NORMS, RewardScaler, load_or_calibrate
-from .rollout import RewardFn, generate_rollout, load_reward_fn, policy_outputs, reward_layout, score_rollout
+from .rollout import (RewardFn, concat_rollouts, generate_rollout, load_reward_fn, policy_outputs, reward_layout,
+                      score_rollout, select_rows)
 from .stage import Stage
 from .update_plan import check_micro_batch_size, micro_batches, plan_update, reuses_forward  # noqa: F401 (micro_batches: public)
 
-POLICY, REFERENCE, REWARD, VALUE = "policy", "sft", "reward", "value"
 CRITICS = ("shared", "adapter")
 VALUE_INITS = ("zero", "reward")
 # The kernel's own tables (one home: kernels/ppo_options.py). In-loss KL estimators and the
@@ -95,7 +95,7 @@ def resolve_loss_options(c: PPOConfig) -> PPOConfig:
     try:  # the kernel's validation of its options, the one rule (e.g. clip_eps_high >= 0)
         PPOLossOptions(clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                        kl_estimator=est if kl_in_loss else "k3", value_clip=c.value_clip, value_coef=c.value_coef,
-                       entropy_coef=c.entropy_coef, loss_agg=agg)
+                       entropy_coef=c.entropy_coef, loss_agg=agg, kl_clamp=c.kl_clamp)
     except ValueError as exc:
         raise ValueError(f"ppo.{exc}") from None
     return dataclasses.replace(c, kl_in_loss=kl_in_loss, kl_estimator=est, loss_agg=agg)
@@ -123,6 +123,9 @@ def resolve_ppo_config(c: PPOConfig, *, use_reward_model: bool) -> PPOConfig:
         raise ValueError(f"ppo.value_lr must be > 0 (or null for ppo.lr), got {c.value_lr}")
     if c.critic_warmup_steps < 0:
         raise ValueError(f"ppo.critic_warmup_steps must be >= 0, got {c.critic_warmup_steps}")
+    if c.dynamic_sampling and not est.grouped:
+        raise ValueError(f"ppo.dynamic_sampling drops groups of equal rewards: ppo.advantage={c.advantage} "
+                         "has no groups (use grpo or rloo)")
     if c.critic_warmup_steps and not est.needs_critic:
         raise ValueError(f"ppo.critic_warmup_steps: ppo.advantage={c.advantage} has no critic to warm up")
     norm = c.reward_norm
@@ -193,17 +196,13 @@ def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, t
                 + ([VALUE] if value_adapter else []))
     backbone = load_backbone(cfg.model, device=device, adapters=adapters, tokenizer=tokenizer)
     if sft_ckpt is not None:  # reference = frozen SFT adapter; policy starts as its copy
-        sft_state = load_safetensors(sft_ckpt / "adapter_model.safetensors")
-        backbone.load_adapter_state_dict(REFERENCE, sft_state)
-        backbone.load_adapter_state_dict(POLICY, sft_state)
+        load_into_backbone(backbone, sft_ckpt, REFERENCE)
+        load_into_backbone(backbone, sft_ckpt, POLICY)
         backbone.reference_adapter = REFERENCE
     else:  # peft initialises LoRA B to zero: the policy starts as the bare base, its reference
         backbone.reference_adapter = None
     if rm_ckpt is not None:
-        backbone.load_adapter_state_dict(REWARD, load_safetensors(rm_ckpt / "adapter_model.safetensors"))
-        heads = load_heads(rm_ckpt)
-        backbone.reward_head.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
-                                              if k.startswith("reward_head.")})
+        load_into_backbone(backbone, rm_ckpt, REWARD, {"reward_head": backbone.reward_head})
         backbone.reward_head.requires_grad_(False)
     # critic start: zero head (values 0 until it learns), or the reward model as it is (OpenRLHF)
     if c.value_init == "reward":
@@ -291,7 +290,8 @@ def _micro_batch_loss(backbone, ro, rows, advantages, returns, c: PPOConfig, los
         entropy=entropy if c.entropy_coef > 0 else entropy.detach(), entropy_coef=c.entropy_coef,
         values=values, old_values=ro.values[rows] if critic else None, returns=returns[rows] if critic else None,
         value_clip=c.value_clip, value_coef=c.value_coef, loss_agg=c.loss_agg,
-        loss_agg_norm=float(c.max_new_tokens) if c.loss_agg == "seq-mean-token-sum-norm" else None)  # Dr. GRPO
+        loss_agg_norm=float(c.max_new_tokens) if c.loss_agg == "seq-mean-token-sum-norm" else None,  # Dr. GRPO
+        kl_clamp=c.kl_clamp)
     return tape, loss, stats
 
 
@@ -373,6 +373,45 @@ def sample_reward_scores(backbone, prompts, c: PPOConfig, seed: int) -> torch.Te
     return torch.cat(scores)
 
 
+def informative_groups(scores: torch.Tensor, n_samples: int) -> list[int]:
+    """Indices of the groups (n_samples adjacent rows) whose scores are not all equal."""
+    g = scores.detach().view(-1, n_samples)
+    return torch.nonzero((g != g[:, :1]).any(1)).flatten().tolist()
+
+
+def refill_informative_groups(ro, sample_and_score, n_prompts: int, c: PPOConfig, seed: int, step: int,
+                              pad_id: int):
+    """DAPO's dynamic sampling: drop the groups of ``ro`` whose raw rewards are all equal (their
+    advantages are 0: they teach nothing) and sample fresh prompts, keyed by the round, until
+    this rank has as many informative groups as it sampled at first or ``c.max_sampling_rounds``
+    samplings are done. Every rank runs as many rounds as the neediest one (forwards are
+    collectives under FSDP2). A rank that found none keeps its first batch as it was (advantages
+    0; the KL term still acts). Returns (rollout, metrics)."""
+    G = c.n_samples
+    target = len(ro) // G
+    kept, n_sampled, n_informative, rounds = [], 0, 0, 1
+    part = ro
+    while True:
+        good = informative_groups(part.scores, G)
+        n_sampled, n_informative = n_sampled + len(part) // G, n_informative + len(good)
+        have = sum(len(r) // G for r in kept)
+        take = good[:max(0, target - have)]
+        if take:
+            kept.append(select_rows(part, [g * G + j for g in take for j in range(G)]))
+        short = target - have - len(take)
+        if rounds >= c.max_sampling_rounds or D.global_count(int(short > 0)) == 0:
+            break
+        # the next round's prompts: a fresh draw of the global batch, one per round, then this rank's block
+        indices = D.shard(epoch_batches(n_prompts, c.batch_size, seed + 1_000_003 * rounds, step))
+        part = sample_and_score(indices, sampling_round=rounds)
+        rounds += 1
+    out = concat_rollouts(kept, pad_id) if kept else ro
+    metrics = {"sampling_rounds": rounds,
+               "informative_frac": D.global_count(n_informative) / max(1.0, D.global_count(n_sampled)),
+               "kept_groups": D.global_count(len(out) // G if kept else 0)}
+    return out, metrics
+
+
 def _gathered_call(backbone, fn, *args):
     with D.gathered(backbone):
         return fn(*args)
@@ -427,21 +466,30 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
         n_rows = int(D.global_count(len(batch) * c.n_samples))  # rows of the global rollout
 
         # 1. rollout and scoring (no grad)
-        with D.gathered(backbone):  # FSDP2: weights gathered once for the many rollout forwards
+        def sample_and_score(indices, sampling_round=0):
             with phases("generation"):
-                ro = generate_rollout(backbone, batch, n_samples=c.n_samples, max_new_tokens=c.max_new_tokens,
-                                      temperature=c.temperature, seed=cfg.seed, iteration=step,  # reproducible keys
-                                      prompt_indices=batch_idx)
-            truncated = rollout_truncated(backbone, ro)
+                ro = generate_rollout(backbone, [prompts[i] for i in indices], n_samples=c.n_samples,
+                                      max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=cfg.seed,
+                                      iteration=step, prompt_indices=indices,  # reproducible keys
+                                      sampling_round=sampling_round)
+            rollout_truncated(backbone, ro)
             with phases("scoring"):
                 # one optimisation pass over one minibatch, no critic, KL not in the reward: the update's
-                # forward gives the old log-probs, so scoring skips its policy pass (see ppo_update)
-                single_pass = reuses_forward(c, n_rows, critic=critic)
+                # forward gives the old log-probs, so scoring skips its policy pass (see update_plan)
                 score_rollout(backbone, ro, temperature=c.temperature, reward_fn=reward_fn,
                               with_values=critic and not own_critic, batch_size=c.score_batch_size,
-                              with_policy=not single_pass)
+                              with_policy=not reuses_forward(c, n_rows, critic=critic))
                 if own_critic:
                     score_critic(backbone, ro, c.score_batch_size)
+            return ro
+
+        with D.gathered(backbone):  # FSDP2: weights gathered once for the many rollout forwards
+            ro = sample_and_score(batch_idx)
+            sampling = {}
+            if c.dynamic_sampling:
+                ro, sampling = refill_informative_groups(ro, sample_and_score, len(prompts), c, cfg.seed, step,
+                                                         backbone.tokenizer.pad_token_id)
+        truncated = rollout_truncated(backbone, ro)
         raw_scores = ro.scores
         ro.scores = scaler(raw_scores, truncated)  # normalise -> missing-EOS penalty -> clip, before KL shaping
         t_rollout = time.perf_counter() - t0
@@ -476,7 +524,7 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
             "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
             "response_length": n_tokens / n_rows, "tokens_per_s": n_tokens / dt,
             "rollout_time_s": t_rollout, "step_time_s": dt, "peak_mem_mb": max(phases.peak_mb.values()),
-            **phases.as_metrics()}
+            **sampling, **phases.as_metrics()}
         if step == 0 or (step + 1) % max(1, cfg.sample_every) == 0:
             stage.log.samples([{"stage": "ppo", "step": step + 1, "prompt": p, "completion": t, "score": float(s)}
                                for p, t, s in list(zip(ro.prompts, ro.completions, raw_scores))[:4]])

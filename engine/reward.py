@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .backbone import load_backbone, load_tokenizer
-from .checkpoint import latest_checkpoint, load_safetensors, resolve_checkpoint
+from .backbone import REWARD, load_backbone, load_tokenizer
+from .checkpoint import latest_checkpoint, load_into_backbone, resolve_checkpoint
 from . import distributed as D
 from .config import RunConfig
 from .data import Ranking, epoch_batches, load_rankings, pad, steps_per_epoch
@@ -45,7 +45,7 @@ from .metrics import peak_memory_mb, reset_peak_memory
 from .optim import gradient_step, make_optimizer
 from .stage import Stage
 
-ADAPTER = "reward"
+ADAPTER = REWARD
 LOSSES = ("bradley-terry", "plackett-luce")
 
 
@@ -163,7 +163,7 @@ def train_reward(cfg: RunConfig, *, callbacks=()) -> dict:
     sft_ckpt = sft_start_checkpoint(cfg)
     backbone = load_backbone(cfg.model, device=stage.device, adapters=[ADAPTER], tokenizer=tok)
     if sft_ckpt is not None:  # a resumed run overwrites this with its own checkpoint in restore()
-        backbone.load_adapter_state_dict(ADAPTER, load_safetensors(sft_ckpt / "adapter_model.safetensors"))
+        load_into_backbone(backbone, sft_ckpt, ADAPTER)
     train_set, eval_set = split_by_prompt(rankings, c.eval_fraction, cfg.seed)
     n_primary = len(train_set) or len(ratings)  # an epoch is a pass over the prompts (or the ratings)
     total = c.max_steps if c.max_steps is not None else c.epochs * steps_per_epoch(n_primary, c.batch_size)

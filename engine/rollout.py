@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from .backbone import POLICY
 from .data import Prompt, end_of_turn_id, pad
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -60,12 +61,14 @@ class Rollout:
 
 def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max_new_tokens: int = 32,
                      temperature: float = 1.0, seed: int = 0, iteration: int = 0,
-                     prompt_indices=None) -> Rollout:
+                     prompt_indices=None, sampling_round: int = 0) -> Rollout:
     """Sample ``n_samples`` completions per prompt; rows of one prompt are adjacent (groups).
 
     Sample j of prompt i draws its randomness from the key (seed, iteration, prompt_indices[i], j)
     only, so it is the same whatever batch, shard or process it lands in: pass GLOBAL dataset
-    indices as ``prompt_indices`` (default: 0..len(prompts)-1)."""
+    indices as ``prompt_indices`` (default: 0..len(prompts)-1). ``sampling_round`` > 0 (dynamic
+    sampling's refills) extends the key, so a prompt drawn again in the same iteration gets
+    fresh samples."""
     from .sampler import sample
 
     tok = backbone.tokenizer
@@ -77,7 +80,8 @@ def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max
     if not prompts:
         raise ValueError("generate_rollout: empty prompt list")
     rows = [p for p in prompts for _ in range(n_samples)]
-    keys = [(seed, iteration, i, j) for i in prompt_indices for j in range(n_samples)]
+    keys = [(seed, iteration, i, j) + ((sampling_round,) if sampling_round else ())
+            for i in prompt_indices for j in range(n_samples)]
     ids, attn = pad([p.input_ids for p in rows], tok.pad_token_id, side="left", device=backbone.device)
     out = sample(backbone, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature, row_keys=keys)
     P = ids.shape[1]
@@ -90,6 +94,51 @@ def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max
     return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([attn, response_mask], 1),
                    prompt_len=P, response_mask=response_mask.float(), prompts=[p.raw for p in rows],
                    completions=texts, truncated=~out.finished, sample_logp=out.logprobs * response_mask)
+
+
+_ROW_FIELDS = ("logp", "ref_logp", "entropy", "values", "sample_logp")  # [B, R], 0 past a row's tokens
+
+
+def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
+    """The rollout of rows ``rows`` only (a new record; ``ro`` is left as it is)."""
+    idx = torch.as_tensor(rows, dtype=torch.long, device=ro.input_ids.device)
+    pick = lambda t: None if t is None else t[idx]  # noqa: E731
+    return Rollout(input_ids=ro.input_ids[idx], attention_mask=ro.attention_mask[idx], prompt_len=ro.prompt_len,
+                   response_mask=ro.response_mask[idx], prompts=[ro.prompts[i] for i in rows],
+                   completions=[ro.completions[i] for i in rows], scores=pick(ro.scores),
+                   truncated=pick(None if ro.truncated is None else torch.as_tensor(ro.truncated)),
+                   **{f: pick(getattr(ro, f)) for f in _ROW_FIELDS})
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several, in order: prompts re-padded on the left to the longest prompt,
+    completions (and every [B, R] field) on the right to the longest completion, so the layout
+    of ``Rollout`` holds (every completion starts at column P)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_len for r in parts)
+    R = max(r.response_mask.shape[1] for r in parts)
+
+    def grid(t, width, value, left=False):
+        pad = width - t.shape[1]
+        return torch.nn.functional.pad(t, (pad, 0) if left else (0, pad), value=value)
+
+    ids = torch.cat([torch.cat([grid(r.input_ids[:, :r.prompt_len], P, pad_id, left=True),
+                                grid(r.input_ids[:, r.prompt_len:], R, pad_id)], 1) for r in parts])
+    attn = torch.cat([torch.cat([grid(r.attention_mask[:, :r.prompt_len], P, 0, left=True),
+                                 grid(r.attention_mask[:, r.prompt_len:], R, 0)], 1) for r in parts])
+    fields = {}
+    for f in _ROW_FIELDS:
+        have = [getattr(r, f) is not None for r in parts]
+        if any(have) and not all(have):
+            raise ValueError(f"concat_rollouts: {f} is scored in some parts and not in others")
+        fields[f] = torch.cat([grid(getattr(r, f), R, 0.0) for r in parts]) if all(have) else None
+    cat = lambda name: (torch.cat([torch.as_tensor(getattr(r, name)) for r in parts])  # noqa: E731
+                        if all(getattr(r, name) is not None for r in parts) else None)
+    return Rollout(input_ids=ids, attention_mask=attn, prompt_len=P,
+                   response_mask=torch.cat([grid(r.response_mask, R, 0.0) for r in parts]),
+                   prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
+                   scores=cat("scores"), truncated=cat("truncated"), **fields)
 
 
 def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temperature: float,
@@ -118,7 +167,7 @@ def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn:
     for i in range(0, len(ro), batch_size):
         ids, attn = ro.input_ids[i: i + batch_size], ro.attention_mask[i: i + batch_size]
         if with_policy:
-            with backbone.use("policy"):
+            with backbone.use(POLICY):
                 logp, ent, val = policy_outputs(backbone, ids, attn, P, temperature=temperature,
                                                 with_values=with_values)
             logps.append(logp), ents.append(ent)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .backbone import load_backbone, load_tokenizer
+from .backbone import REFERENCE, load_backbone, load_tokenizer
 from . import distributed as D
 from .config import RunConfig
 from .data import epoch_batches, load_sft_dataset, pad, steps_per_epoch
@@ -21,7 +21,7 @@ from .metrics import peak_memory_mb, reset_peak_memory
 from .optim import gradient_step, make_optimizer
 from .stage import Stage
 
-ADAPTER = "sft"
+ADAPTER = REFERENCE  # SFT trains the adapter that PPO later freezes as the reference
 
 
 def sft_loss(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,

@@ -5,7 +5,8 @@ single pass, so backward is a scale of saved gradients.
 Design:
     * The scalar options travel as one :class:`~rlfuse.kernels.ppo_options.PPOLossOptions`,
       validated once here; backends receive it, the custom op (whose schema cannot hold a
-      dataclass) receives ``opts.as_op_args()`` and rebuilds it with ``from_op_args``.
+      dataclass) receives it packed into one list of floats (``opts.pack()``), so an added
+      option changes neither the schema nor the C++/CUDA bindings.
     * Loss aggregation is expressed to the kernels as an optional per-token loss weight
       (``None`` = token mean over the mask): the op computes it from the mask and the row length,
       so kernels never need to know the row structure. Stats are always token means.
@@ -41,13 +42,11 @@ def token_loss_weights(mask: Tensor, row_len: int, opts: PPOLossOptions) -> Tens
 
 
 def _ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                      returns, row_len, clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                      entropy_coef, value_clip, value_coef, loss_agg, loss_agg_norm, backend):
+                      returns, row_len, options, backend):
     """(loss, stats, grad_logp, grad_entropy, grad_values): the op's body, shared by the custom
     op (traced by torch.compile) and the eager autograd Function."""
-    opts = PPOLossOptions.from_op_args(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                                       entropy_coef, value_clip, value_coef, loss_agg, loss_agg_norm)
-    _validate.binary_mask(mask)
+    opts = PPOLossOptions.unpack(options)
+    _validate.binary_mask(mask, op="ppo_loss")
     as_stored = backend == "cpp" and mask.dtype in (torch.bool, torch.uint8)
     m = mask if as_stored else mask.to(torch.float32)  # cpp reads bytes: no 4-byte float copy
     weight = token_loss_weights(m.to(torch.float32) if as_stored and opts.loss_agg != "token-mean" else m,
@@ -60,14 +59,9 @@ def _ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, value
 def _ppo_loss_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                  ref_logp: Tensor | None, entropy: Tensor | None, values: Tensor | None,
                  old_values: Tensor | None, returns: Tensor | None, row_len: int,
-                 clip_eps: float, clip_eps_high: float | None, dual_clip: float | None,
-                 kl_coef: float, kl_estimator: int, entropy_coef: float, value_clip: float | None,
-                 value_coef: float, loss_agg: int, loss_agg_norm: float | None,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 options: list[float], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
-                             returns, row_len, clip_eps, clip_eps_high, dual_clip, kl_coef,
-                             kl_estimator, entropy_coef, value_clip, value_coef, loss_agg,
-                             loss_agg_norm, backend)
+                             returns, row_len, options, backend)
 
 
 @_ppo_loss_op.register_fake
@@ -121,7 +115,8 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
              entropy: Tensor | None = None, entropy_coef: float = 0.0, values: Tensor | None = None,
              old_values: Tensor | None = None, returns: Tensor | None = None,
              value_clip: float | None = 0.2, value_coef: float = 0.5,
-             loss_agg: str = "token-mean", loss_agg_norm: float | None = None):
+             loss_agg: str = "token-mean", loss_agg_norm: float | None = None,
+             kl_clamp: float | None = None):
     """PPO loss over the valid tokens of ``mask`` and a dict of detached scalar stats.
 
     Per token: ratio = exp(logp - old_logp); policy term max(-A*ratio, -A*clip(ratio,
@@ -136,6 +131,8 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
         k3 = e^-d + d - 1: gradient 1 - e^-d, whose expectation is that of KL(ref||pi);
         k1+ / k3+: the value of k1 / k3 (what stats["kl"] reports) with the gradient of k2,
         i.e. of KL(pi||ref) (straight-through).
+    ``kl_clamp`` (> 0): each token's estimate is clamped to [-kl_clamp, kl_clamp], with gradient
+    0 where it was clamped (verl and OpenRLHF clamp k3 at 10): one outlier token cannot dominate.
 
     ``loss_agg`` (rows = the leading dims of ``logp``, tokens = its last dim; rows with no valid
     token are not counted; an all-masked batch gives 0 and zero gradients, never NaN):
@@ -156,7 +153,7 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
     opts = PPOLossOptions(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
                           kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                           value_clip=value_clip, value_coef=value_coef, loss_agg=loss_agg,
-                          loss_agg_norm=loss_agg_norm)
+                          loss_agg_norm=loss_agg_norm, kl_clamp=kl_clamp)
     _validate.floating("logp", logp)
     shape = logp.shape
     named = dict(old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,
@@ -185,7 +182,7 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
         None if ref_logp is None else flat(ref_logp).detach(), flat(entropy), flat(values),
         None if old_values is None else flat(old_values).detach(),
         None if returns is None else flat(returns).detach(),
-        shape[-1] if len(shape) else 1, *opts.as_op_args(), backend)
+        shape[-1] if len(shape) else 1, opts.pack(), backend)
     stat_vec = stat_vec.detach()
     stats = {name: stat_vec[i] for i, name in enumerate(STATS_FIELDS)}
     return loss, stats

@@ -1,12 +1,18 @@
-"""The options of ``K.ppo_loss`` as one immutable object, checked once when it is made.
+"""The options of ``K.ppo_loss`` as one immutable object, checked once when it is made: the one
+table of the op's options.
 
-Every backend receives a :class:`PPOLossOptions`; the C++ and CUDA bindings receive the flat tuple
-of :meth:`PPOLossOptions.as_op_args` (the same tuple the ``rlfuse::ppo_loss`` custom op takes,
-since torch.library schemas cannot carry a dataclass) and fill their ``rlfuse_ppo_options``
-struct from it in one place. "Absent" is ``None`` here and a ``has_*`` flag in C.
+Every Python backend receives a :class:`PPOLossOptions`. What crosses the C boundary is ONE
+object, :meth:`PPOLossOptions.pack`: a list of floats, two slots (present, value) per field in
+field order, which the ``rlfuse::ppo_loss`` custom op (a torch.library schema cannot carry a
+dataclass), the C++ and the CUDA bindings pass on unchanged. The C side of the table (the codes,
+the ``rlfuse_ppo_options`` struct and the function that unpacks the list into it) is generated
+from this class into the marked block of ``csrc/common/ppo_options.h``::
 
-The integer codes below are the single table of estimator / aggregation codes: the C header
-``csrc/common/ppo_options.h`` and the Triton kernel use these numbers (a test checks the header).
+    python -m rlfuse.kernels.ppo_options --write   # after adding or changing a field
+
+and a test fails while the header is stale. So a new option is a field here (+ its check), its
+maths in each backend, and nothing in the schema or the bindings. "Absent" is ``None`` here and
+a ``has_*`` flag of 0 in C.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from numbers import Real
+from pathlib import Path
 
 # in-loss KL estimators, d = logp - ref_logp. "+" = value of k1/k3, gradient of k2 (= d)
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3, "k1+": 4, "k3+": 5}
@@ -48,6 +55,8 @@ class PPOLossOptions:
     value_coef: float = 0.5
     loss_agg: str = "token-mean"
     loss_agg_norm: float | None = None  # seq-mean-token-sum-norm only; None: the row length
+    kl_clamp: float | None = None       # each token's KL estimate clamped to [-kl_clamp, kl_clamp]
+                                        # (gradient 0 where clamped; verl and OpenRLHF clamp k3 at 10)
 
     def __post_init__(self):
         def put(name, value):
@@ -55,7 +64,7 @@ class PPOLossOptions:
 
         for name in ("clip_eps", "kl_coef", "entropy_coef", "value_coef"):
             put(name, _number(name, getattr(self, name)))
-        for name in ("clip_eps_high", "dual_clip", "value_clip", "loss_agg_norm"):
+        for name in ("clip_eps_high", "dual_clip", "value_clip", "loss_agg_norm", "kl_clamp"):
             put(name, _number(name, getattr(self, name), optional=True))
         if not self.clip_eps > 0:
             raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
@@ -65,6 +74,8 @@ class PPOLossOptions:
             raise ValueError(f"dual_clip must be > 1 (it caps the loss at -A*dual_clip) or None, got {self.dual_clip}")
         if self.value_clip is not None and self.value_clip < 0:
             raise ValueError(f"value_clip must be >= 0 or None, got {self.value_clip}")
+        if self.kl_clamp is not None and not self.kl_clamp > 0:
+            raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
         if self.kl_estimator not in KL_CODES:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; choose from {list(KL_ESTIMATORS)}")
         if self.loss_agg not in LOSS_AGG_CODES:
@@ -85,17 +96,90 @@ class PPOLossOptions:
     def kl_code(self) -> int:
         return KL_CODES[self.kl_estimator]
 
-    def as_op_args(self) -> tuple:
-        """The options as the flat tuple of the custom op and the C++/CUDA bindings (names as
-        strings become their integer codes); :meth:`from_op_args` inverts it."""
-        return (self.clip_eps, self.clip_eps_high, self.dual_clip, self.kl_coef, self.kl_code,
-                self.entropy_coef, self.value_clip, self.value_coef, LOSS_AGG_CODES[self.loss_agg],
-                self.loss_agg_norm)
+    def pack(self) -> list[float]:
+        """The options as one flat list: slots 2i, 2i+1 = (present, value) of field i; a name
+        becomes its integer code. :meth:`unpack` (Python) and ``rlfuse_ppo_options_unpack`` (C)
+        invert it."""
+        out: list[float] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in CODES:
+                value = CODES[f.name][value]
+            out += [0.0, 0.0] if value is None else [1.0, float(value)]
+        return out
 
     @classmethod
-    def from_op_args(cls, *args) -> "PPOLossOptions":
-        names = [f.name for f in fields(cls)]
-        kw = dict(zip(names, args, strict=True))
-        kw["kl_estimator"] = KL_ESTIMATORS[list(KL_CODES.values()).index(kw["kl_estimator"])]
-        kw["loss_agg"] = LOSS_AGGS[list(LOSS_AGG_CODES.values()).index(kw["loss_agg"])]
+    def unpack(cls, packed) -> "PPOLossOptions":
+        packed = list(packed)
+        if len(packed) != 2 * len(fields(cls)):
+            raise ValueError(f"packed PPO options: {len(packed)} slots, expected {2 * len(fields(cls))}")
+        kw = {}
+        for i, f in enumerate(fields(cls)):
+            present, value = packed[2 * i], packed[2 * i + 1]
+            if f.name in CODES:
+                names = {code: name for name, code in CODES[f.name].items()}
+                kw[f.name] = names.get(int(value), int(value))  # an unknown code fails validation
+            else:
+                kw[f.name] = value if present else None
         return cls(**kw)
+
+    @classmethod
+    def slot(cls, name: str) -> int:
+        """Index of field ``name``'s value in :meth:`pack`'s list (its presence flag is one before)."""
+        return 2 * [f.name for f in fields(cls)].index(name) + 1
+
+
+# fields whose values are names, crossing the C boundary as these integer codes
+CODES = {"kl_estimator": KL_CODES, "loss_agg": LOSS_AGG_CODES}
+_CODE_PREFIX = {"kl_estimator": "RLFUSE_KL_", "loss_agg": "RLFUSE_AGG_"}
+HEADER = Path(__file__).resolve().parent.parent / "csrc" / "common" / "ppo_options.h"
+BEGIN, END = "// BEGIN GENERATED from kernels/ppo_options.py", "// END GENERATED"
+
+
+def _c_name(prefix: str, name: str) -> str:
+    return prefix + name.upper().replace("+", "_PLUS").replace("-", "_")
+
+
+def c_table() -> str:
+    """The C side of the table: codes, the struct (fields in table order) and its unpacker."""
+    lines = [BEGIN, "// (python -m rlfuse.kernels.ppo_options --write; do not edit by hand)"]
+    for field_name, codes in CODES.items():
+        items = ", ".join(f"{_c_name(_CODE_PREFIX[field_name], k)} = {v}" for k, v in codes.items())
+        lines.append(f"enum {{ {items} }};  // {field_name}")
+    n_slots = 2 * len(fields(PPOLossOptions))
+    lines += [f"enum {{ RLFUSE_PPO_OPTION_SLOTS = {n_slots} }};  // len(PPOLossOptions().pack())", "",
+              "typedef struct rlfuse_ppo_options {"]
+    unpack = []
+    for i, f in enumerate(fields(PPOLossOptions)):
+        if f.name in CODES:
+            lines.append(f"  int {f.name};  // {_CODE_PREFIX[f.name]}*")
+            unpack.append(f"  o.{f.name} = (int)v[{2 * i + 1}];")
+        elif "None" in str(f.type):
+            lines += [f"  int has_{f.name};  // 0: None", f"  float {f.name};"]
+            unpack += [f"  o.has_{f.name} = v[{2 * i}] != 0.0;", f"  o.{f.name} = (float)v[{2 * i + 1}];"]
+        else:
+            lines.append(f"  float {f.name};")
+            unpack.append(f"  o.{f.name} = (float)v[{2 * i + 1}];")
+    lines += ["} rlfuse_ppo_options;", "",
+              "// the list of PPOLossOptions.pack() (RLFUSE_PPO_OPTION_SLOTS doubles) as the struct",
+              "static inline rlfuse_ppo_options rlfuse_ppo_options_unpack(const double* v) {",
+              "  rlfuse_ppo_options o;", *unpack, "  return o;", "}", END]
+    return "\n".join(lines)
+
+
+def header_with_table(text: str) -> str:
+    """``text`` (the header) with its generated block replaced by :func:`c_table`."""
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    return text[:start] + c_table() + text[stop:]
+
+
+if __name__ == "__main__":
+    import sys
+
+    current = HEADER.read_text()
+    fresh = header_with_table(current)
+    if "--write" in sys.argv[1:]:
+        HEADER.write_text(fresh)
+        print(f"wrote {HEADER}")
+    else:
+        sys.exit(0 if fresh == current else f"{HEADER} is stale: run python -m rlfuse.kernels.ppo_options --write")

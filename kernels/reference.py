@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _validate  # the spec refuses the same inputs as the ops
+
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
                          return_entropy: bool = False, softcap: float | None = None,
@@ -49,6 +51,8 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor | None = None, *, gamma: f
     """
     if mask is None:
         mask = torch.ones_like(rewards, dtype=torch.bool)
+    _validate.binary_mask(mask, op="gae")
+    mask = mask.bool()
     adv = torch.zeros_like(rewards)
     for b in range(rewards.shape[0]):
         idx = mask[b].nonzero().flatten().tolist()
@@ -69,17 +73,20 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_whiten(x: Tensor, mask: Tensor | None, *, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - mean) / std over the masked positions (unbiased variance); 0 at masked positions."""
+    """(x - mean) / std over the masked positions (unbiased variance); 0 at masked positions.
+    Values at masked positions, even inf/NaN, are ignored (selected out, never multiplied by 0)."""
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
-    m = mask.to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp_min(1)
-    var = (((x - mean) ** 2) * m).sum() / (n - 1).clamp_min(1)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    _validate.binary_mask(mask, op="masked_whiten")
+    mask = mask.bool()
+    n = mask.sum().to(x.dtype)
+    xv = torch.where(mask, x, 0.0)
+    mean = xv.sum() / n.clamp_min(1)
+    var = torch.where(mask, (xv - mean) ** 2, 0.0).sum() / (n - 1).clamp_min(1)
+    out = (xv - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * m
+    return torch.where(mask, out, 0.0)
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
@@ -128,7 +135,7 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean"
 def ppo_loss(logp, old_logp, advantages, mask=None, *, clip_eps=0.2, clip_eps_high=None,
              dual_clip=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", entropy=None,
              entropy_coef=0.0, values=None, old_values=None, returns=None, value_clip=0.2,
-             value_coef=0.5, loss_agg="token-mean", loss_agg_norm=None):
+             value_coef=0.5, loss_agg="token-mean", loss_agg_norm=None, kl_clamp=None):
     """Clipped PPO objective (+ KL, entropy and clipped value terms), aggregated over mask by
     ``loss_agg`` (see aggregate_loss); the stats are token means whatever loss_agg is.
     ``values`` without ``old_values``: the value loss is not clipped."""
@@ -149,6 +156,8 @@ def ppo_loss(logp, old_logp, advantages, mask=None, *, clip_eps=0.2, clip_eps_hi
     kl = zero
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp.detach(), kl_estimator)
+        if kl_clamp is not None:  # the value clamped, its gradient 0 outside [-kl_clamp, kl_clamp]
+            kl = torch.clamp(kl, -kl_clamp, kl_clamp)
         per_token = per_token + kl_coef * kl
     ent = zero if entropy is None else entropy
     if entropy is not None:

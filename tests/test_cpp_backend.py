@@ -334,11 +334,15 @@ def test_ppo_loss_rejects_unknown_codes():
     inp = _ppo_inputs(10, seed=1)
     args = (inp["logp"], inp["old_logp"], inp["advantages"], inp["mask"].float(), inp["ref_logp"],
             None, None, None, None, None)
-    flat = PPOLossOptions(kl_coef=0.1).as_op_args()
+    bad_code, needs_weight = PPOLossOptions(kl_coef=0.1).pack(), PPOLossOptions(kl_coef=0.1).pack()
+    bad_code[PPOLossOptions.slot("kl_estimator")] = 9
+    needs_weight[PPOLossOptions.slot("loss_agg")] = 1
     with pytest.raises(RuntimeError, match="kl_estimator"):
-        cpp._C.ppo_loss_forward(*args, *flat[:4], 9, *flat[5:])
+        cpp._C.ppo_loss_forward(*args, bad_code)
     with pytest.raises(RuntimeError, match="loss weight"):
-        cpp._C.ppo_loss_forward(*args, *flat[:8], 1, None)
+        cpp._C.ppo_loss_forward(*args, needs_weight)
+    with pytest.raises(RuntimeError, match="floats of PPOLossOptions.pack"):  # the one object, whole
+        cpp._C.ppo_loss_forward(*args, bad_code[:-2])
 
 
 # ------------------------------------------------------------------------------------ determinism

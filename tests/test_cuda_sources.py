@@ -196,6 +196,8 @@ EMU_PPO_CASES = [
     dict(ref=True, ent=False, val=True, old_val=False, kl_estimator="k3+", loss_agg="seq-mean-token-sum-norm"),
     dict(ref=True, ent=True, val=False, old_val=False, kl_estimator="k3+", loss_agg="seq-mean-token-sum-norm",
          loss_agg_norm=64.0, dual_clip=2.0),
+    dict(ref=True, ent=True, val=True, old_val=True, kl_estimator="k3", kl_clamp=0.05),
+    dict(ref=True, ent=False, val=False, old_val=False, kl_estimator="k1+", kl_clamp=0.1),
 ]
 
 
@@ -238,13 +240,13 @@ def test_emu_rejects_bad_inputs(emu_backend):
     _, lse, _ = emu_backend.logprobs_forward(logits, labels, 1.0, False)
     with pytest.raises(ValueError, match="entropy"):
         emu_backend.logprobs_backward(logits, labels, lse, torch.empty(0), torch.ones(4), torch.ones(4), 1.0, False)
-    flat = PPOLossOptions().as_op_args()
+    bad_code, needs_weight = PPOLossOptions().pack(), PPOLossOptions().pack()
+    bad_code[PPOLossOptions.slot("kl_estimator")] = 9
+    needs_weight[PPOLossOptions.slot("loss_agg")] = 1
     with pytest.raises(RuntimeError, match="kl_estimator"):  # codes outside ppo_options.KL_CODES
-        emu_backend._C.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None, None,
-                                        *flat[:4], 9, *flat[5:])
+        emu_backend._C.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None, None, bad_code)
     with pytest.raises(RuntimeError, match="loss weight"):
-        emu_backend._C.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None, None,
-                                        *flat[:8], 1, None)
+        emu_backend._C.ppo_loss_forward(*[torch.zeros(3)] * 4, None, None, None, None, None, None, needs_weight)
 
 
 def test_ppo_codes_match_the_python_table():
@@ -261,3 +263,20 @@ def test_ppo_codes_match_the_python_table():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_c_options_table_is_generated_from_the_python_one():
+    """csrc/common/ppo_options.h's GENERATED block is what kernels/ppo_options.py writes today
+    (run `python -m rlfuse.kernels.ppo_options --write` after changing PPOLossOptions)."""
+    from dataclasses import fields
+
+    from rlfuse.kernels import ppo_options as O
+
+    header = (ROOT / "csrc" / "common" / "ppo_options.h").read_text()
+    assert O.header_with_table(header) == header, "stale: python -m rlfuse.kernels.ppo_options --write"
+    # and the packing round-trips every field, absent ones included
+    for opts in (O.PPOLossOptions(), O.PPOLossOptions(clip_eps_high=0.3, dual_clip=3.0, value_clip=None,
+                                                       kl_estimator="k3+", loss_agg="seq-mean-token-sum-norm",
+                                                       loss_agg_norm=64.0)):
+        packed = opts.pack()
+        assert len(packed) == 2 * len(fields(O.PPOLossOptions)) and O.PPOLossOptions.unpack(packed) == opts

@@ -39,6 +39,8 @@ OPTIONS = {
                        value_clip=0.1, value_coef=0.5),
     "kl_k1+": dict(ref=True, kl_coef=0.1, kl_estimator="k1+"),
     "kl_k3+": dict(ref=True, kl_coef=0.2, kl_estimator="k3+"),
+    "kl_clamp": dict(ref=True, kl_coef=0.3, kl_estimator="k3", kl_clamp=0.1),
+    "kl_clamp_st": dict(ref=True, kl_coef=0.2, kl_estimator="k1+", kl_clamp=0.3),  # both signs clamped
     "seq_mean": dict(ref=True, kl_coef=0.1, kl_estimator="k2", loss_agg="seq-mean-token-mean"),
     "sum_norm": dict(ent=True, entropy_coef=0.01, loss_agg="seq-mean-token-sum-norm"),
     "sum_norm_const": dict(val=True, old_val=True, loss_agg="seq-mean-token-sum-norm", loss_agg_norm=64.0),
@@ -128,6 +130,24 @@ def test_options_against_reference(backend, option, mask_kind):
     tensors, kw = _make(shape, OPTIONS[option], backend.device, seed=len(option))
     mask = None if mask_kind == "none" else make_mask(*shape, "mixed", seed=3, device=backend.device)
     _compare(tensors, mask, kw)
+
+
+@pytest.mark.parametrize("option", ["kl_clamp", "kl_clamp_st"])
+def test_kl_clamp_actually_clamps(backend, option):
+    """Guard for the grid above: some tokens' KL lies past the clamp (both signs for k1+), and
+    exactly those get the gradient of the loss without its KL term."""
+    tensors, kw = _make((6, 40), OPTIONS[option], backend.device, seed=len(option))
+    value = reference.kl_penalty(tensors["logp"].double(), tensors["ref_logp"].double(), kw["kl_estimator"][:2])
+    outside = value.abs() > kw["kl_clamp"]
+    assert 0 < int(outside.sum()) < outside.numel() // 2
+    if kw["kl_estimator"] == "k1+":
+        assert (value > kw["kl_clamp"]).any() and (value < -kw["kl_clamp"]).any()
+    _, stats, leaves = _run(tensors, None, kw)
+    _, _, no_kl = _run(tensors, None, {**kw, "kl_coef": 0.0})
+    g, g0 = leaves["logp"].grad, no_kl["logp"].grad
+    torch.testing.assert_close(g[outside], g0[outside], rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(g[~outside], g0[~outside])
+    assert float(stats["kl"]) <= kw["kl_clamp"] + 1e-6
 
 
 def test_clipping_actually_happens(backend):

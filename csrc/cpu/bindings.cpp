@@ -3,24 +3,21 @@
 #include <torch/extension.h>
 
 #include "ops.h"
-#include "../common/ppo_options_args.h"
+#include "../common/ppo_options.h"
 
 namespace {
 
 using OptT = std::optional<at::Tensor>;
-using OptD = std::optional<double>;
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_forward(
     const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
     const at::Tensor& mask, const OptT& ref_logp, const OptT& entropy, const OptT& values,
-    const OptT& old_values, const OptT& returns, const OptT& loss_weight, double clip_eps,
-    OptD clip_eps_high, OptD dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef,
-    OptD value_clip, double value_coef, int64_t loss_agg, OptD loss_agg_norm) {
-  return rlfuse::ppo_loss_forward(
-      logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values, returns, loss_weight,
-      rlfuse_ppo_options_from_args(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef,
-                  value_clip, value_coef, loss_agg, loss_agg_norm));
+    const OptT& old_values, const OptT& returns, const OptT& loss_weight, const std::vector<double>& options) {
+  TORCH_CHECK(options.size() == RLFUSE_PPO_OPTION_SLOTS, "rlfuse cpp: ppo_loss_forward takes the ",
+              RLFUSE_PPO_OPTION_SLOTS, " floats of PPOLossOptions.pack(), got ", options.size());
+  return rlfuse::ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
+                                  returns, loss_weight, rlfuse_ppo_options_unpack(options.data()));
 }
 
 }  // namespace
@@ -44,11 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae", &rlfuse::gae, "generalised advantage estimation over padded rows",
         py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"), py::arg("lam"));
   m.def("ppo_loss_forward", &ppo_loss_forward,
-        "PPO loss, stats and per-token gradients in one pass; the options are the flat tuple "
-        "of rlfuse.kernels.ppo_options.PPOLossOptions.as_op_args()",
+        "PPO loss, stats and per-token gradients in one pass; the options are the one list "
+        "of rlfuse.kernels.ppo_options.PPOLossOptions.pack()",
         py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"),
         py::arg("ref_logp"), py::arg("entropy"), py::arg("values"), py::arg("old_values"),
-        py::arg("returns"), py::arg("loss_weight"), py::arg("clip_eps"), py::arg("clip_eps_high"),
-        py::arg("dual_clip"), py::arg("kl_coef"), py::arg("kl_estimator"), py::arg("entropy_coef"),
-        py::arg("value_clip"), py::arg("value_coef"), py::arg("loss_agg"), py::arg("loss_agg_norm"));
+        py::arg("returns"), py::arg("loss_weight"), py::arg("options"));
 }

@@ -39,6 +39,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <deque>
 #include <mutex>
 #include <type_traits>
@@ -168,6 +169,7 @@ struct PpoArgs {
   float lo, hi;            // ratio clip range
   float dual;              // dual-clip constant
   float kl_coef, ent_coef, vclip, v_coef;
+  float kl_max;            // KL estimates clamped to [-kl_max, kl_max]; +inf: no clamp
   float w_scale;           // 1 / max(count, 1) with the mask as weight, 1 with explicit weights
   bool stream;             // store the gradients non-temporally
 };
@@ -249,6 +251,10 @@ RLFUSE_INLINE void token(const PpoArgs& c, const float* __restrict logp, const f
       dk = 1.0f - e;
     }
     if (KST) dk = d;
+    // kl_clamp as selects, not a branch (a branch stops the loop vectorising); NaN stays NaN
+    const bool outside = (kl > c.kl_max) | (kl < -c.kl_max);
+    kl = kl > c.kl_max ? c.kl_max : (kl < -c.kl_max ? -c.kl_max : kl);
+    dk = outside ? 0.0f : dk;
     total = total + c.kl_coef * kl;
     g = g + c.kl_coef * dk;
   }
@@ -482,6 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   a.hi = 1.0f + rlfuse_ppo_clip_high(&o);
   a.dual = o.has_dual_clip ? o.dual_clip : 0.0f;
   a.kl_coef = o.kl_coef;
+  a.kl_max = o.has_kl_clamp ? o.kl_clamp : std::numeric_limits<float>::infinity();
   a.ent_coef = o.entropy_coef;
   a.vclip = clip_val ? o.value_clip : 0.0f;
   a.v_coef = o.value_coef;

@@ -16,7 +16,7 @@
 #endif
 
 #include "rlfuse_cuda.h"
-#include "../common/ppo_options_args.h"
+#include "../common/ppo_options.h"
 
 namespace {
 
@@ -173,24 +173,22 @@ std::tuple<Tensor, Tensor> gae(const Tensor& rewards, const Tensor& values, cons
   return {adv, ret};
 }
 
-using OptDouble = std::optional<double>;
-
-
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
     const OptTensor& ref_logp, const OptTensor& entropy, const OptTensor& values, const OptTensor& old_values,
-    const OptTensor& returns, const OptTensor& loss_weight, double clip_eps, OptDouble clip_eps_high,
-    OptDouble dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef, OptDouble value_clip,
-    double value_coef, int64_t loss_agg, OptDouble loss_agg_norm) {
+    const OptTensor& returns, const OptTensor& loss_weight, const std::vector<double>& options) {
+  TORCH_CHECK(options.size() == RLFUSE_PPO_OPTION_SLOTS, "rlfuse cuda: ppo_loss_forward takes the ",
+              RLFUSE_PPO_OPTION_SLOTS, " floats of PPOLossOptions.pack(), got ", options.size());
   check_device(logp, logp, "logp");
   const int64_t n = logp.numel();
   check_vec(logp, logp, "logp", n, at::kFloat);
   check_vec(old_logp, logp, "old_logp", n, at::kFloat);
   check_vec(advantages, logp, "advantages", n, at::kFloat);
   check_vec(mask, logp, "mask", n, at::kFloat);
-  TORCH_CHECK(kl_estimator >= RLFUSE_KL_K1 && kl_estimator <= RLFUSE_KL_K3_PLUS,
-              "rlfuse cuda: unknown kl_estimator code ", kl_estimator);
-  TORCH_CHECK(loss_weight.has_value() == (loss_agg != RLFUSE_AGG_TOKEN_MEAN),
+  const rlfuse_ppo_options o = rlfuse_ppo_options_unpack(options.data());
+  TORCH_CHECK(o.kl_estimator >= RLFUSE_KL_K1 && o.kl_estimator <= RLFUSE_KL_K3_PLUS,
+              "rlfuse cuda: unknown kl_estimator code ", o.kl_estimator);
+  TORCH_CHECK(loss_weight.has_value() == (o.loss_agg != RLFUSE_AGG_TOKEN_MEAN),
               "rlfuse cuda: a loss weight is needed exactly when loss_agg is not token-mean");
   DeviceGuard guard(logp.device());
   const auto opts = logp.options();
@@ -207,8 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ppo_loss_forward(
   a.loss_weight = opt_ptr(loss_weight, logp, "loss_weight", n);
   TORCH_CHECK(a.values == nullptr || a.returns != nullptr, "rlfuse cuda: values need returns");
   a.n = n;
-  a.opts = rlfuse_ppo_options_from_args(clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, value_clip,
-                       value_coef, loss_agg, loss_agg_norm);
+  a.opts = o;
 
   Tensor loss = at::empty({}, opts);
   Tensor stats = at::empty({7}, opts);
@@ -242,7 +239,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ppo_loss_forward", &ppo_loss_forward, "(loss, stats, grad_logp, grad_entropy, grad_values)",
         py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("ref_logp"),
         py::arg("entropy"), py::arg("values"), py::arg("old_values"), py::arg("returns"), py::arg("loss_weight"),
-        py::arg("clip_eps"), py::arg("clip_eps_high"), py::arg("dual_clip"), py::arg("kl_coef"),
-        py::arg("kl_estimator"), py::arg("entropy_coef"), py::arg("value_clip"), py::arg("value_coef"),
-        py::arg("loss_agg"), py::arg("loss_agg_norm"));
+        py::arg("options"));
 }

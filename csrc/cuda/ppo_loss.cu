@@ -135,6 +135,10 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
         dkl = -em1;
       }
       if (kl_st) dkl = d;
+      if (o.has_kl_clamp && (kl > o.kl_clamp || kl < -o.kl_clamp)) {  // clamped: gradient 0
+        kl = kl > 0.0f ? o.kl_clamp : -o.kl_clamp;
+        dkl = 0.0f;
+      }
       loss += o.kl_coef * kl;
       dlogp += o.kl_coef * dkl;
     }

@@ -55,7 +55,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values, old_values,
                      returns, loss_weight, opts):
     return tuple(_C.ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values,
-                                     old_values, returns, loss_weight, *opts.as_op_args()))
+                                     old_values, returns, loss_weight, opts.pack()))
 
 
 __all__ = ["AVAILABLE", "UNAVAILABLE_REASON", "DEVICES", "logprobs_forward", "logprobs_backward",

@@ -76,9 +76,10 @@ def logprobs_backward(logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tens
 def gae(rewards: Tensor, values: Tensor, mask: Tensor | None, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """(advantages, returns) of [B, T] float32 rows; masked positions are skipped and set to 0."""
     shape = rewards.shape
-    rewards2d = rewards.to(torch.float32).reshape(-1, shape[-1]).contiguous()
-    values2d = values.to(torch.float32).reshape(-1, shape[-1]).contiguous()
-    mask2d = None if mask is None else mask.reshape(-1, shape[-1]).to(torch.bool).contiguous()
+    rows = (shape[0] if rewards.dim() == 2 else 1, shape[-1])  # reshape(-1, 0) fails for T = 0
+    rewards2d = rewards.to(torch.float32).reshape(rows).contiguous()
+    values2d = values.to(torch.float32).reshape(rows).contiguous()
+    mask2d = None if mask is None else mask.reshape(rows).to(torch.bool).contiguous()
     adv, ret = _C.gae(rewards2d, values2d, mask2d, float(gamma), float(lam))
     return adv.view(shape), ret.view(shape)
 
@@ -91,7 +92,7 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
         raise ValueError("values need returns")
     return _C.ppo_loss_forward(
         _f32(logp), _f32(old_logp), _f32(advantages), _f32(mask), _f32(ref_logp), _f32(entropy), _f32(values),
-        _f32(old_values), _f32(returns), _f32(loss_weight), *opts.as_op_args())
+        _f32(old_values), _f32(returns), _f32(loss_weight), opts.pack())
 
 
 def _logits_2d(logits: Tensor) -> Tensor:

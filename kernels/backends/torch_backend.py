@@ -80,7 +80,7 @@ def logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, opt
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float):
     """Reverse recurrence vectorised over rows; masked steps carry the state through."""
     adv = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
+    next_value = rewards.new_zeros(rewards.shape[0])  # not rewards[:, 0]: T may be 0
     next_adv = torch.zeros_like(next_value)
     for t in range(rewards.shape[1] - 1, -1, -1):
         m = mask[:, t]
@@ -129,6 +129,10 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
             kl, d_kl = e + d - 1, 1 - e
         if est.endswith("+"):  # straight-through: the value above, the gradient of k2
             d_kl = d
+        if opts.kl_clamp is not None:  # clamped value, gradient 0 where clamped (NaN stays NaN)
+            outside = (kl > opts.kl_clamp) | (kl < -opts.kl_clamp)
+            kl = kl.clamp(-opts.kl_clamp, opts.kl_clamp)
+            d_kl = torch.where(outside, zero, d_kl)
         total = total + opts.kl_coef * kl
         g_logp = g_logp + opts.kl_coef * d_kl
     ent = zero if entropy is None else entropy

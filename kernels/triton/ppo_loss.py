@@ -57,8 +57,9 @@ def _configs():
 def _ppo_loss_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, val_ptr, old_val_ptr, ret_ptr, w_ptr,
     count_ptr, g_logp_ptr, g_ent_ptr, g_val_ptr, partial_ptr,
-    N, N_BUCKET, clip_lo, clip_hi, dual_clip, kl_coef, ent_coef, value_clip, value_coef,
+    N, N_BUCKET, clip_lo, clip_hi, dual_clip, kl_coef, ent_coef, value_clip, value_coef, kl_max,
     CHUNK_N: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, KL_ST: tl.constexpr,
+    KL_CLAMP: tl.constexpr,
     WEIGHTED: tl.constexpr, HAS_ENT: tl.constexpr,
     HAS_VAL: tl.constexpr, VALUE_CLIP: tl.constexpr, DUAL_CLIP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -117,6 +118,10 @@ def _ppo_loss_kernel(
                 dk = 1.0 - e
             if KL_ST:
                 dk = d
+            if KL_CLAMP:  # clamped value, gradient 0 where clamped
+                outside = (kl > kl_max) | (kl < -kl_max)
+                kl = tl.minimum(tl.maximum(kl, -kl_max), kl_max)
+                dk = tl.where(outside, 0.0, dk)
             g += kl_coef * dk
             total += kl_coef * kl
         ent = tl.zeros((BLOCK_N,), tl.float32)
@@ -225,7 +230,8 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
         n, triton.next_power_of_2(n), 1.0 - opts.clip_eps, 1.0 + opts.clip_high,
         opts.dual_clip if opts.dual_clip is not None else 0.0, opts.kl_coef, opts.entropy_coef,
         opts.value_clip if value_clipped else 0.0, opts.value_coef,
-        CHUNK_N=CHUNK, HAS_REF=has_ref,
+        opts.kl_clamp if opts.kl_clamp is not None else 0.0,
+        CHUNK_N=CHUNK, HAS_REF=has_ref, KL_CLAMP=opts.kl_clamp is not None,
         KL_EST=KL_CODES[_KL_VALUE.get(opts.kl_estimator, opts.kl_estimator)],
         KL_ST=opts.kl_estimator in _KL_VALUE, WEIGHTED=weighted, HAS_ENT=has_ent,
         HAS_VAL=has_val, VALUE_CLIP=value_clipped, DUAL_CLIP=opts.dual_clip is not None,

@@ -158,3 +158,25 @@ def test_reward_calibration_is_redone_when_its_settings_change(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "temperature 1.0 -> 0.7" in out and "recalibrating" in out and len(out.strip().splitlines()) == 1
     assert load_or_calibrate(tmp_path, sample, info=hotter)["mean"] == pytest.approx(4.0) and len(calls) == 2
+
+
+def test_a_kernel_loss_option_reaches_the_op_from_the_config(cli, data, tmp_path, monkeypatch):
+    """ppo.kl_clamp: checked by the kernel's own rule, then passed to every K.ppo_loss call."""
+    import rlfuse.kernels as K
+    from rlfuse.engine.config import PPOConfig
+    from rlfuse.engine.ppo import resolve_loss_options
+
+    with pytest.raises(ValueError, match=r"^ppo\.kl_clamp must be > 0"):
+        resolve_loss_options(PPOConfig(kl_clamp=-1.0))
+    seen = []
+    op = K.ppo_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["kl_clamp"])
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(K, "ppo_loss", spy)
+    code, _, err = cli("ppo", "--prompts", data["prompts"], "--reward-fn", data["reward_fn"], "--run-dir",
+                       tmp_path / "run", "--max-steps", 1, "--advantage", "grpo", *FAST, "--set", "ppo.kl_clamp=10")
+    assert code == 0, err
+    assert seen and set(seen) == {10.0}
