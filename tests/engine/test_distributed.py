@@ -234,3 +234,19 @@ def test_fsdp_leaves_4bit_weights_whole_and_matches_one_process(tmp_path, data):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "kept whole (4-bit weights" in two.stdout
     assert _losses(tmp_path / "fsdp", "sft") == pytest.approx(_losses(tmp_path / "one", "sft"), rel=1e-4)
+
+
+def test_dynamic_sampling_on_two_ranks(tmp_path, data):
+    """DAPO refills run the same number of rounds on every rank (forwards can be collectives), and
+    each rank trains only informative groups; the job ends cleanly, whatever each rank drew."""
+    rf = tmp_path / "reward.py"
+    rf.write_text("def reward(prompts, completions):\n"  # most prompts get a constant reward
+                  "    return [float(len(c) % 3) if len(p) % 3 == 0 else 1.0 for p, c in zip(prompts, completions)]\n")
+    proc = rlfuse("ppo", *COMMON, "--prompts", data["prompts"], "--reward-fn", f"{rf}:reward", "--max-steps", 2,
+                  "--advantage", "grpo", "--n-samples", 2, "--set", "ppo.batch_size=4", "--set", "ppo.max_new_tokens=6",
+                  "--set", "ppo.minibatch_size=8", "--set", "ppo.dynamic_sampling=true",
+                  "--set", "ppo.max_sampling_rounds=6", "--run-dir", tmp_path / "run", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["sampling_rounds"] >= 1 and 0 < r["informative_frac"] <= 1 for r in rows)
+    assert all(r["kept_groups"] <= 4 for r in rows)
