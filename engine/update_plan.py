@@ -106,9 +106,9 @@ def plan_update(response_mask: torch.Tensor, c, *, critic: bool, scored_policy: 
     w = D.world()
     rows = D.gather_objects(len(response_mask))
     first, n_global = sum(rows[:w.rank]), sum(rows)
-    if not scored_policy and (c.ppo_epochs != 1 or c.minibatch_size < n_global or critic):
+    if not scored_policy and not reuses_forward(c, n_global, critic=critic):  # the rule scoring followed
         raise ValueError("ppo_update: a rollout scored without its policy pass needs ppo_epochs=1, one minibatch "
-                         f"(minibatch_size >= {n_global}) and no critic")
+                         f"(minibatch_size >= {n_global}), no critic and no KL in the reward")
     minibatches = []
     for epoch in range(c.ppo_epochs):
         g = torch.Generator().manual_seed(shuffle_seed * 1_000_003 + epoch)
