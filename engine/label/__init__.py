@@ -2,7 +2,8 @@
 
     rlfuse label sample  --model M [--adapter RUN/sft] --prompts prompts.jsonl -k 4 --out tasks.jsonl
     rlfuse label serve   tasks.jsonl --labels labels.jsonl [--port 8000] [--host 127.0.0.1] [--overlap N]
-    rlfuse label export  labels.jsonl --format rankings|pairs|trl --out F
+                         [--guidelines FILE.md]
+    rlfuse label export  labels.jsonl --format rankings|pairs|trl [--trl-style conversational|standard] --out F
     rlfuse label stats   labels.jsonl
 
 One concept per module: ``records`` (the tasks and labels files), ``sample`` (tasks from a

@@ -31,12 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1", help="beyond loopback, requests need the printed token")
     p.add_argument("--overlap", type=int, default=1, help="annotators who see each prompt")
+    p.add_argument("--guidelines", metavar="FILE.md",
+                   help="markdown shown above every task (what 'better' means); each label records its hash")
 
     p = sub.add_parser("export", help="labels -> rankings | pairs | trl JSONL")
     p.add_argument("labels")
     p.add_argument("--format", required=True, choices=["rankings", "pairs", "trl"])
     p.add_argument("--out", required=True)
     p.add_argument("--margin", action="store_true", help="trl: add the rank gap as 'margin'")
+    p.add_argument("--trl-style", choices=["conversational", "standard"],
+                   help="trl: message lists or plain strings, one style per file (default: conversational "
+                        "when any task has a system message, else standard)")
 
     p = sub.add_parser("stats", help="per-annotator rates, position bias, agreement")
     p.add_argument("labels")
@@ -61,11 +66,13 @@ def main(argv: list[str]) -> int:
     elif args.action == "serve":
         from .server import serve
 
-        return serve(args.tasks, args.labels, host=args.host, port=args.port, overlap=args.overlap)
+        return serve(args.tasks, args.labels, host=args.host, port=args.port, overlap=args.overlap,
+                     guidelines=args.guidelines)
     elif args.action == "export":
         from .export import export_labels
 
-        print(json.dumps(export_labels(args.labels, args.format, args.out, margin=args.margin)))
+        print(json.dumps(export_labels(args.labels, args.format, args.out, margin=args.margin,
+                                       trl_style=args.trl_style)))
     else:
         from .stats import print_stats
 

@@ -3,13 +3,18 @@
     rankings  {"prompt", "responses": [...], "ranks": [...]}   (``rlfuse rm --data`` reads it;
               ranks[i] is the rank of responses[i], 1 = best, equal = tie)
     pairs     {"prompt", "chosen", "rejected"}                  (rlfuse's pair format)
-    trl       TRL's preference format with an explicit prompt: {"prompt", "chosen", "rejected"}
-              (conversational message lists when the task has a system message), plus
-              "margin" (the rank gap) with ``--margin``
-Skipped items are left out. Tied pairs carry no preference and identical texts cannot be
-preferred to themselves, so both are dropped: a text that appears twice keeps one copy, or
-none when its copies were ranked differently. Each annotator's label is its own record
-(the reward model splits train/held-out by prompt, so they never straddle the split).
+    trl       TRL's preference format with an explicit prompt: {"prompt", "chosen", "rejected"},
+              plus "margin" (the rank gap) with ``--margin``. One style per file, since
+              ``datasets`` types a column from all its rows: ``--trl-style conversational``
+              (message lists; the system message is the prompt's first turn) or ``standard``
+              (plain strings; refused when a label has a system message, which it cannot carry).
+              The default is conversational when any exported label has a system message.
+Only the label that counts is exported: the latest per (annotator, task), so a re-submitted
+label replaces the earlier one. Skipped items are left out. Tied pairs carry no preference
+and identical texts cannot be preferred to themselves, so both are dropped: a text that
+appears twice keeps one copy, or none when its copies were ranked differently. Each
+annotator's label is its own record (the reward model splits train/held-out by prompt, so
+they never straddle the split).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import json
 from pathlib import Path
 
 from ..checkpoint import write_text_atomic
-from .records import Label, read_labels
+from .records import Label, latest_labels, read_labels
 
 FORMATS = ("rankings", "pairs", "trl")
+TRL_STYLES = ("conversational", "standard")
 
 
 def distinct_ranking(label: Label) -> tuple[list[str], list[int]]:
@@ -43,11 +49,12 @@ def _context(label: Label) -> dict:
     return {"prompt": label.prompt, **({"system": label.system} if label.system is not None else {})}
 
 
-def _trl_record(label: Label, chosen: str, rejected: str, gap: int, margin: bool) -> dict:
-    if label.system is None:
+def _trl_record(label: Label, chosen: str, rejected: str, gap: int, margin: bool, style: str) -> dict:
+    if style == "standard":
         rec = {"prompt": label.prompt, "chosen": chosen, "rejected": rejected}
-    else:  # TRL's conversational form is the one that carries a system message
-        rec = {"prompt": [{"role": "system", "content": label.system}, {"role": "user", "content": label.prompt}],
+    else:  # TRL's conversational form, the one that carries a system message
+        system = [{"role": "system", "content": label.system}] if label.system is not None else []
+        rec = {"prompt": [*system, {"role": "user", "content": label.prompt}],
                "chosen": [{"role": "assistant", "content": chosen}],
                "rejected": [{"role": "assistant", "content": rejected}]}
     if margin:
@@ -55,13 +62,28 @@ def _trl_record(label: Label, chosen: str, rejected: str, gap: int, margin: bool
     return rec
 
 
-def export_records(labels: list[Label], fmt: str, *, margin: bool = False) -> list[dict]:
+def trl_style_for(labels: list[Label], style: str | None) -> str:
+    """The one TRL style of a file: ``style``, or conversational when any label has a system message."""
+    with_system = next((lb for lb in labels if lb.system is not None), None)
+    if style is None:
+        return "conversational" if with_system else "standard"
+    if style not in TRL_STYLES:
+        raise ValueError(f"--trl-style must be one of {', '.join(TRL_STYLES)}, got {style!r}")
+    if style == "standard" and with_system is not None:
+        raise ValueError(f"--trl-style standard has no place for the system message of task "
+                         f"{with_system.task_id!r}: use --trl-style conversational (the default when a "
+                         "task has a system message)")
+    return style
+
+
+def export_records(labels: list[Label], fmt: str, *, margin: bool = False, trl_style: str | None = None) -> list[dict]:
+    """Records of ``fmt`` from the labels that count (see the module doc)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    labels = [lb for lb in latest_labels(labels) if not lb.skipped]
+    style = trl_style_for(labels, trl_style) if fmt == "trl" else None
     out = []
     for label in labels:
-        if label.skipped:
-            continue
         responses, ranks = distinct_ranking(label)
         pairs = preference_pairs(responses, ranks)
         if not pairs:  # all tied, or fewer than two distinct texts
@@ -72,16 +94,20 @@ def export_records(labels: list[Label], fmt: str, *, margin: bool = False) -> li
         elif fmt == "pairs":
             out += [{**_context(label), "chosen": c, "rejected": r} for c, r, _ in pairs]
         else:
-            out += [_trl_record(label, c, r, gap, margin) for c, r, gap in pairs]
+            out += [_trl_record(label, c, r, gap, margin, style) for c, r, gap in pairs]
     return out
 
 
-def export_labels(labels_path, fmt: str, out, *, margin: bool = False) -> dict:
+def export_labels(labels_path, fmt: str, out, *, margin: bool = False, trl_style: str | None = None) -> dict:
     if Path(out).is_dir():  # os.replace cannot put a file over a directory
         raise ValueError(f"--out {out} is a directory: name the JSONL file to write, e.g. {Path(out) / 'labels.jsonl'}")
-    labels = read_labels(labels_path)
-    records = export_records(labels, fmt, margin=margin)
+    every = read_labels(labels_path)
+    labels = latest_labels(every)
+    records = export_records(labels, fmt, margin=margin, trl_style=trl_style)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return {"labels": len(labels), "skipped": sum(lb.skipped for lb in labels), "records": len(records),
-            "format": fmt, "out": str(out)}
+    summary = {"labels": len(labels), "superseded": len(every) - len(labels),
+               "skipped": sum(lb.skipped for lb in labels), "records": len(records), "format": fmt, "out": str(out)}
+    if fmt == "trl":
+        summary["trl_style"] = trl_style_for([lb for lb in labels if not lb.skipped], trl_style)
+    return summary

@@ -1,13 +1,18 @@
 """The two files of a labelling job, and their checks (every error names file:line).
 
 tasks.jsonl   one prompt and its K >= 2 responses per line, written ahead of time:
-    {"id": str, "prompt": str, "system"?: str, "responses": [str, ...], "sampling"?: {...}}
+    {"id": str, "prompt": str, "system"?: str, "responses": [str, ...], "sampling"?: {...},
+     "guidelines"?: str (markdown shown with this task, after the ``--guidelines`` file)}
 labels.jsonl  one annotator's verdict on one task per line, appended as it is given:
     {"task_id", "annotator", "prompt", "system"?, "responses": [...] (task order),
      "ranks": [int, ...] | null (ranks[i] of responses[i], 1 = best, equal = tie; null when skipped),
-     "skipped": bool, "none_acceptable": bool, "note": str,
-     "shown_order": [task index of the card shown 1st, 2nd, ...], "seconds": float | null, "time": str}
-A label carries its prompt and responses, so export and stats need no tasks file.
+     "skipped": bool, "skip_reason": str, "none_acceptable": bool, "note": str,
+     "shown_order": [task index of the card shown 1st, 2nd, ...], "seconds": float | null, "time": str,
+     "guidelines_sha256": str | null (the guidelines the label was made under), "revision": int}
+A label carries its prompt and responses, so export and stats need no tasks file. The file is
+append-only: an annotator who changes a label appends a new one (``revision`` counts the
+earlier ones), and the LAST label per (annotator, task) is the one that counts
+(:func:`latest_labels`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Task:
     responses: list[str]
     system: str | None = None
     sampling: dict = field(default_factory=dict)
+    guidelines: str | None = None
 
     def to_json(self) -> dict:
         d = {"id": self.id, "prompt": self.prompt, "responses": self.responses}
@@ -33,6 +39,8 @@ class Task:
             d["system"] = self.system
         if self.sampling:
             d["sampling"] = self.sampling
+        if self.guidelines is not None:
+            d["guidelines"] = self.guidelines
         return d
 
 
@@ -50,6 +58,9 @@ class Label:
     seconds: float | None = None
     time: str = ""
     system: str | None = None
+    skip_reason: str = ""
+    guidelines_sha256: str | None = None
+    revision: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -65,6 +76,17 @@ def check_ranks(ranks, k: int) -> str | None:
     if any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= k for r in ranks):
         return f"'ranks' must hold ints from 1 (best) to {k}, got {ranks!r}"
     return None
+
+
+def latest_labels(labels: list[Label]) -> list[Label]:
+    """The last label of each (annotator, task), in the order those last labels were given:
+    a re-submitted label supersedes the earlier ones (the file keeps them all)."""
+    latest: dict[tuple[str, str], Label] = {}
+    for label in labels:
+        key = (label.annotator, label.task_id)
+        latest.pop(key, None)  # re-inserted at the end: ordered by the label that counts
+        latest[key] = label
+    return list(latest.values())
 
 
 def check_order(order, k: int) -> str | None:
@@ -135,7 +157,8 @@ def read_tasks(path) -> list[Task]:
         if not isinstance(sampling, dict):
             raise ValueError(f"{where}: 'sampling' must be an object")
         tasks.append(Task(task_id, _string(rec, "prompt", where), _responses(rec, where),
-                          _string(rec, "system", where, optional=True), sampling))
+                          _string(rec, "system", where, optional=True), sampling,
+                          _string(rec, "guidelines", where, optional=True)))
     if not tasks:
         raise ValueError(f"{path}: no tasks")
     return tasks
@@ -158,12 +181,17 @@ def parse_label(rec: dict, where: str) -> Label:
     none_ok = rec.get("none_acceptable", False)
     if not isinstance(none_ok, bool):
         raise ValueError(f"{where}: 'none_acceptable' must be true or false")
+    revision = rec.get("revision", 0)
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        raise ValueError(f"{where}: 'revision' must be an integer >= 0, got {revision!r}")
     return Label(task_id=_string(rec, "task_id", where), annotator=_string(rec, "annotator", where),
                  prompt=_string(rec, "prompt", where), responses=responses, ranks=None if skipped else ranks,
                  skipped=skipped, none_acceptable=none_ok, note=_string(rec, "note", where, optional=True) or "",
                  shown_order=order, seconds=None if seconds is None else float(seconds),
                  time=_string(rec, "time", where, optional=True) or "",
-                 system=_string(rec, "system", where, optional=True))
+                 system=_string(rec, "system", where, optional=True),
+                 skip_reason=_string(rec, "skip_reason", where, optional=True) or "",
+                 guidelines_sha256=_string(rec, "guidelines_sha256", where, optional=True), revision=revision)
 
 
 def read_labels(path, *, missing_ok: bool = False) -> list[Label]:

@@ -1,9 +1,12 @@
 """``rlfuse label serve``: the labelling page and its JSON API on the standard library's http.server.
 
     GET  /                          the page (``page.html``, package data, no build step)
-    GET  /api/next?annotator=NAME   the task to rank now, its shuffled cards, progress
-    POST /api/label                 {"annotator", "task_id", "ranks" | "skipped": true, "note",
-                                     "none_acceptable", "shown_order", "seconds"} -> progress
+    GET  /api/next?annotator=NAME   the task to rank now, its shuffled cards, guidelines, progress
+    GET  /api/history?annotator=NAME        this annotator's labelled and skipped tasks, newest first
+    GET  /api/task?annotator=NAME&id=TASK   one of them again, with the saved label
+    POST /api/label                 {"annotator", "task_id", "ranks" | "skipped": true, "skip_reason",
+                                     "note", "none_acceptable", "shown_order", "seconds",
+                                     "guidelines_sha256", "revise"} -> progress
 Requests run in threads; the ``LabelStore`` serialises the writes. Bound to loopback, the
 server needs no token but answers only requests addressed to localhost (a web page
 elsewhere cannot reach it through DNS rebinding). Bound to anything else (``--host``), it
@@ -21,6 +24,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from .records import read_tasks
@@ -105,12 +109,16 @@ class LabelHandler(BaseHTTPRequestHandler):
             return self._error(403, "missing or wrong token: open the URL the server printed")
         if url.path in ("/", "/index.html"):
             return self._send(200, page_html(), "text/html; charset=utf-8")
-        if url.path == "/api/next":
-            try:
-                return self._json(200, self.server.store.next_task(query.get("annotator", [""])[0]))
-            except LabelError as exc:
-                return self._error(exc.status, str(exc))
-        return self._error(404, f"no such page: {url.path}")
+        store, annotator = self.server.store, query.get("annotator", [""])[0]
+        routes = {"/api/next": lambda: store.next_task(annotator),
+                  "/api/history": lambda: store.history(annotator),
+                  "/api/task": lambda: store.reopen(annotator, query.get("id", [""])[0])}
+        if url.path not in routes:
+            return self._error(404, f"no such page: {url.path}")
+        try:
+            return self._json(200, routes[url.path]())
+        except LabelError as exc:
+            return self._error(exc.status, str(exc))
 
     def do_POST(self):  # noqa: N802
         url = urlsplit(self.path)
@@ -135,18 +143,36 @@ class LabelHandler(BaseHTTPRequestHandler):
             label = store.submit(body.get("annotator"), body.get("task_id"), ranks=body.get("ranks"),
                                  skipped=body.get("skipped", False), note=body.get("note", ""),
                                  none_acceptable=body.get("none_acceptable", False),
-                                 order=body.get("shown_order"), seconds=body.get("seconds"))
+                                 order=body.get("shown_order"), seconds=body.get("seconds"),
+                                 skip_reason=body.get("skip_reason", ""), revise=body.get("revise", False),
+                                 guidelines_sha256=body.get("guidelines_sha256"))
         except LabelError as exc:
             return self._error(exc.status, str(exc))
         return self._json(200, {"ok": True, "task_id": label.task_id, **store.progress(label.annotator)})
 
 
+def read_guidelines(path) -> str:
+    """The ``--guidelines`` markdown file's text (UTF-8), refused with its name when unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--guidelines {p}: file not found (a markdown file of what 'better' means)")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--guidelines {p}: not valid UTF-8 (byte {exc.start + 1})") from None
+    if not text.strip():
+        raise ValueError(f"--guidelines {p}: the file is empty")
+    return text
+
+
 def make_server(tasks_path, labels_path, *, host: str = "127.0.0.1", port: int = 8000, overlap: int = 1,
-                token: str | None = None) -> LabelServer:
-    """A ready server (not yet serving). Beyond loopback a token is always required."""
+                token: str | None = None, guidelines=None) -> LabelServer:
+    """A ready server (not yet serving). Beyond loopback a token is always required.
+    ``guidelines`` is the path of a markdown file shown above every task."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"--port must be a TCP port from 0 to 65535 (0 = any free port), got {port}")
-    store = LabelStore(read_tasks(tasks_path), labels_path, overlap=overlap)
+    text = None if guidelines is None else read_guidelines(guidelines)
+    store = LabelStore(read_tasks(tasks_path), labels_path, overlap=overlap, guidelines=text)
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(16)
     try:
@@ -162,10 +188,11 @@ def serve_in_thread(server: LabelServer) -> threading.Thread:
     return thread
 
 
-def serve(tasks_path, labels_path, *, host: str, port: int, overlap: int) -> int:
-    server = make_server(tasks_path, labels_path, host=host, port=port, overlap=overlap)
+def serve(tasks_path, labels_path, *, host: str, port: int, overlap: int, guidelines=None) -> int:
+    server = make_server(tasks_path, labels_path, host=host, port=port, overlap=overlap, guidelines=guidelines)
     n = len(server.store.tasks)
-    print(f"[rlfuse] {n} tasks, labels -> {labels_path} (overlap {overlap})")
+    print(f"[rlfuse] {n} tasks, labels -> {labels_path} (overlap {overlap})"
+          + (f", guidelines {guidelines}" if guidelines else ""))
     print(f"[rlfuse] open {server.url}", flush=True)
     if server.token:
         print("[rlfuse] the token in that URL is required: share it only with your annotators", file=sys.stderr)

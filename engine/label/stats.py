@@ -7,6 +7,8 @@ card shown FIRST was ranked best, next to the rate expected when position does n
 Per pair of annotators, on the items both ranked: pairwise agreement (of the response pairs
 both ordered, the share ordered the same way) and Kendall's tau-b (mean over items where it
 is defined, i.e. neither annotator tied everything).
+Only the label that counts enters: the latest per (annotator, task); ``superseded`` counts
+the earlier ones that re-submissions replaced.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 import statistics
 
-from .records import Label, read_labels
+from .records import Label, latest_labels, read_labels
 
 
 def _sign(x: int) -> int:
@@ -68,6 +70,8 @@ def annotator_stats(labels: list[Label]) -> dict:
 
 
 def label_stats(labels: list[Label]) -> dict:
+    every = len(labels)
+    labels = latest_labels(labels)
     by_annotator: dict[str, list[Label]] = {}
     for lb in labels:
         by_annotator.setdefault(lb.annotator, []).append(lb)
@@ -88,7 +92,8 @@ def label_stats(labels: list[Label]) -> dict:
         agreement.append({"annotators": [a, b], "shared_items": len(shared),
                           "pair_agreement": _rate(agree, compared), "pairs_compared": compared,
                           "kendall_tau": statistics.fmean(taus) if taus else None})
-    return {"labels": len(labels), "tasks": len({lb.task_id for lb in labels}), "annotators": len(by_annotator),
+    return {"labels": len(labels), "superseded": every - len(labels),
+            "tasks": len({lb.task_id for lb in labels}), "annotators": len(by_annotator),
             "per_annotator": {a: annotator_stats(ls) for a, ls in sorted(by_annotator.items())},
             "agreement": agreement}
 
@@ -100,7 +105,8 @@ def _fmt(x, pct: bool = False) -> str:
 
 
 def render_stats(stats: dict) -> str:
-    lines = [f"{stats['labels']} labels on {stats['tasks']} tasks by {stats['annotators']} annotators", "",
+    superseded = f" ({stats['superseded']} earlier labels superseded)" if stats["superseded"] else ""
+    lines = [f"{stats['labels']} labels on {stats['tasks']} tasks by {stats['annotators']} annotators{superseded}", "",
              "annotator        labels  skip  ties  none-ok  s/item(median)  first-shown-best (chance)"]
     for name, s in stats["per_annotator"].items():
         lines.append(f"{name[:16]:<16} {s['labels']:>6}  {_fmt(s['skip_rate'], True):>4}"

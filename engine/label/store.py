@@ -10,6 +10,14 @@ Assignment: tasks go out in file order. A task is open to an annotator who has n
 labelled or skipped it while fewer than ``overlap`` annotators hold it (labelled it, or have
 it on screen now). Skips do not count towards the overlap, so someone else gets the task.
 Card order is shuffled per (annotator, task), the same after a reload or a restart.
+
+Going back: an annotator's history is their latest label per task. Re-submitting a task from
+the history (``revise=True``) appends a new label that supersedes the earlier one (a skip
+turned into a ranking is how a skip is undone); nothing in the file is rewritten.
+
+Guidelines (the ``--guidelines`` file, then the task's own ``guidelines``) go out with each
+task with their SHA-256; a label records the hash it was made under, and a page that shows an
+older version than the server's (the file changed and the server restarted) is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from ..textcheck import lone_surrogate_message
 from .records import Label, Task, check_order, check_ranks, read_labels
 
 MAX_NAME = 64
+MAX_REASON = 200
 
 
 class LabelError(ValueError):
@@ -55,16 +64,27 @@ def check_annotator(name) -> str:
     return name
 
 
+def task_guidelines(guidelines: str | None, task: Task) -> str | None:
+    """The guidelines shown with ``task``: the file's, then the task's own, a blank line between."""
+    parts = [g for g in (guidelines, task.guidelines) if g and g.strip()]
+    return "\n\n".join(parts) if parts else None
+
+
+def text_sha256(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class LabelStore:
-    def __init__(self, tasks: list[Task], labels_path, *, overlap: int = 1):
+    def __init__(self, tasks: list[Task], labels_path, *, overlap: int = 1, guidelines: str | None = None):
         if overlap < 1:
             raise ValueError(f"--overlap must be >= 1, got {overlap}")
-        self.tasks, self.overlap, self.path = tasks, overlap, Path(labels_path)
+        self.tasks, self.overlap, self.path, self.guidelines = tasks, overlap, Path(labels_path), guidelines
         self.by_id = {t.id: t for t in tasks}
         self._lock = threading.Lock()
         self._done: dict[str, set[str]] = {}  # annotator -> task ids labelled or skipped
-        self._holders: dict[str, set[str]] = {t.id: set() for t in tasks}  # task -> annotators who labelled it
+        self._holders: dict[str, set[str]] = {t.id: set() for t in tasks}  # task -> annotators who ranked it
         self._claims: dict[str, str] = {}  # annotator -> the task on their screen
+        self._latest: dict[tuple[str, str], Label] = {}  # (annotator, task) -> the label that counts, oldest first
         for label in read_labels(self.path, missing_ok=True):
             if label.task_id not in self.by_id:
                 raise ValueError(f"{self.path}: label for task {label.task_id!r}, which is not in the tasks file "
@@ -89,8 +109,13 @@ class LabelStore:
             os.fsync(self._fh.fileno())
 
     def _record(self, label: Label) -> None:
+        key = (label.annotator, label.task_id)
+        self._latest.pop(key, None)  # re-inserted last: the history lists the newest last
+        self._latest[key] = label
         self._done.setdefault(label.annotator, set()).add(label.task_id)
-        if not label.skipped:
+        if label.skipped:
+            self._holders[label.task_id].discard(label.annotator)
+        else:
             self._holders[label.task_id].add(label.annotator)
 
     def _open_to(self, annotator: str, task: Task) -> bool:
@@ -118,23 +143,69 @@ class LabelStore:
             progress = self._progress(annotator)
         if task is None:
             return {"task": None, **progress}
-        order = shown_order(annotator, task)
-        return {"task": {"id": task.id, "prompt": task.prompt, "system": task.system,
-                         "cards": [{"index": i, "text": task.responses[i]} for i in order]},
-                "shown_order": order, **progress}
+        return {**self._view(annotator, task), **progress}
 
-    def submit(self, annotator, task_id, *, ranks=None, skipped: bool = False, note: str = "",
-               none_acceptable: bool = False, order=None, seconds=None) -> Label:
-        """Check, append (flush + fsync) and count one label; LabelError says why one is refused."""
-        annotator = check_annotator(annotator)
+    def _view(self, annotator: str, task: Task) -> dict:
+        order = shown_order(annotator, task)
+        guidelines = task_guidelines(self.guidelines, task)
+        return {"task": {"id": task.id, "prompt": task.prompt, "system": task.system,
+                         "cards": [{"index": i, "text": task.responses[i]} for i in order],
+                         "guidelines": guidelines, "guidelines_sha256": text_sha256(guidelines)},
+                "shown_order": order}
+
+    def _task(self, task_id) -> Task:
         task = self.by_id.get(task_id) if isinstance(task_id, str) else None
         if task is None:
             raise LabelError(404, f"unknown task id {task_id!r}")
+        return task
+
+    def history(self, annotator) -> dict:
+        """This annotator's labelled and skipped tasks, newest first, each with the label that counts."""
+        annotator = check_annotator(annotator)
+        with self._lock:
+            mine = [lb for (a, _), lb in self._latest.items() if a == annotator]
+        return {"items": [{"task_id": lb.task_id, "prompt": lb.prompt[:200], "skipped": lb.skipped,
+                           "skip_reason": lb.skip_reason, "ranks": lb.ranks, "time": lb.time,
+                           "revision": lb.revision} for lb in reversed(mine)]}
+
+    def reopen(self, annotator, task_id) -> dict:
+        """A task from this annotator's history, with their saved label, to review or change."""
+        annotator = check_annotator(annotator)
+        task = self._task(task_id)
+        with self._lock:
+            saved = self._latest.get((annotator, task.id))
+        if saved is None:
+            raise LabelError(409, f"{annotator!r} has not labelled task {task.id!r}: there is nothing to reopen")
+        return {**self._view(annotator, task),
+                "saved": {"ranks": saved.ranks, "skipped": saved.skipped, "skip_reason": saved.skip_reason,
+                          "note": saved.note, "none_acceptable": saved.none_acceptable,
+                          "revision": saved.revision, "time": saved.time}}
+
+    def submit(self, annotator, task_id, *, ranks=None, skipped: bool = False, note: str = "",
+               none_acceptable: bool = False, order=None, seconds=None, skip_reason: str = "",
+               revise: bool = False, guidelines_sha256=None) -> Label:
+        """Check, append (flush + fsync) and count one label; LabelError says why one is refused.
+
+        ``revise`` re-submits a task this annotator already labelled or skipped (the new label
+        supersedes the old); without it a second label for the same task is refused (409), so a
+        double click or a second tab never labels twice by accident."""
+        annotator = check_annotator(annotator)
+        task = self._task(task_id)
         k = len(task.responses)
-        if not isinstance(skipped, bool) or not isinstance(none_acceptable, bool):
-            raise LabelError(400, "'skipped' and 'none_acceptable' must be true or false")
+        if not all(isinstance(flag, bool) for flag in (skipped, none_acceptable, revise)):
+            raise LabelError(400, "'skipped', 'none_acceptable' and 'revise' must be true or false")
         if not skipped and (problem := check_ranks(ranks, k)):
             raise LabelError(400, problem)
+        if not isinstance(skip_reason, str) or len(skip_reason) > MAX_REASON:
+            raise LabelError(400, f"'skip_reason' must be a string of at most {MAX_REASON} characters")
+        if skip_reason and not skipped:
+            raise LabelError(400, "'skip_reason' is only for a skipped item")
+        if problem := lone_surrogate_message(skip_reason, "skip_reason"):
+            raise LabelError(400, problem)
+        current = text_sha256(task_guidelines(self.guidelines, task))
+        if guidelines_sha256 is not None and guidelines_sha256 != current:
+            raise LabelError(409, f"the guidelines of task {task.id!r} changed since the page showed them: "
+                                  "reload the page and read the new version")
         order = shown_order(annotator, task) if order is None else order
         if problem := check_order(order, k):
             raise LabelError(400, problem)
@@ -148,11 +219,17 @@ class LabelStore:
         label = Label(task_id=task.id, annotator=annotator, prompt=task.prompt, responses=task.responses,
                       ranks=None if skipped else ranks, skipped=skipped, none_acceptable=none_acceptable,
                       note=note[:5000], shown_order=order, seconds=None if seconds is None else float(seconds),
-                      time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), system=task.system)
-        line = json.dumps(label.to_json(), ensure_ascii=False) + "\n"
+                      time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), system=task.system,
+                      skip_reason=skip_reason if skipped else "", guidelines_sha256=current)
         with self._lock:
-            if task.id in self._done.get(annotator, ()):
-                raise LabelError(409, f"{annotator!r} already labelled task {task.id!r}")
+            earlier = self._latest.get((annotator, task.id))
+            if earlier is not None and not revise:
+                raise LabelError(409, f"{annotator!r} already labelled task {task.id!r} "
+                                      "(reopen it from the history to change the label)")
+            if earlier is None and revise:
+                raise LabelError(409, f"{annotator!r} has no label of task {task.id!r} to revise")
+            label.revision = 0 if earlier is None else earlier.revision + 1
+            line = json.dumps(label.to_json(), ensure_ascii=False) + "\n"
             self._fh.write(line)
             self._fh.flush()
             os.fsync(self._fh.fileno())  # acknowledged means on disk

@@ -241,3 +241,81 @@ def test_restart_resumes_each_annotator(start, tmp_path):
     assert item["task"]["id"] == "t1" and (item["done"], item["total"]) == (1, 5)
     assert call(restarted, "/api/label", {"annotator": "a", "task_id": "t0", "ranks": [1, 2, 3]})[0] == 409
     assert len(read_rows(tmp_path / "labels.jsonl")) == 3
+
+
+# --------------------------------------------------------------------------- going back (issue 25)
+
+def test_history_reopen_and_a_revision_that_supersedes(start, tmp_path, cli):
+    server = start()
+    item, _ = label(server, "ann")
+    call(server, "/api/label", {"annotator": "ann", "task_id": "t1", "skipped": True, "skip_reason": "unclear"})
+    status, hist = call(server, "/api/history?annotator=ann")
+    assert status == 200 and [(h["task_id"], h["skipped"], h["skip_reason"]) for h in hist["items"]] == [
+        ("t1", True, "unclear"), ("t0", False, "")]  # newest first
+    assert call(server, "/api/history?annotator=bob")[1] == {"items": []}
+
+    status, again = call(server, "/api/task?annotator=ann&id=t0")
+    assert status == 200 and again["shown_order"] == item["shown_order"]  # the same cards in the same order
+    assert again["saved"]["ranks"] == ranks_best_shown_first(item) and not again["saved"]["skipped"]
+    assert call(server, "/api/task?annotator=ann&id=t3")[0] == 409  # not in ann's history
+    assert call(server, "/api/task?annotator=ann&id=zz")[0] == 404
+
+    # undo the skip: rank t1 after all; and change t0's ranking
+    new = {"annotator": "ann", "task_id": "t1", "ranks": [3, 2, 1], "revise": True}
+    assert call(server, "/api/label", {**new, "revise": False})[0] == 409  # a revision says it is one
+    status, res = call(server, "/api/label", new)
+    assert status == 200 and res["done"] == 2  # progress counts tasks, not labels
+    assert call(server, "/api/label", {**new, "task_id": "t0", "ranks": [1, 1, 2]})[0] == 200
+    assert call(server, "/api/label", {**new, "task_id": "t2"})[0] == 409  # nothing to revise
+    assert call(server, "/api/label", {**new, "skip_reason": "x"})[0] == 400  # a reason only for a skip
+
+    rows = read_rows(tmp_path / "labels.jsonl")
+    assert [(r["task_id"], r["revision"]) for r in rows] == [("t0", 0), ("t1", 0), ("t1", 1), ("t0", 1)]
+    assert [h["task_id"] for h in call(server, "/api/history?annotator=ann")[1]["items"]] == ["t0", "t1"]
+    stop(server)
+    restarted = start()  # the store reads the latest label back
+    assert call(restarted, "/api/task?annotator=ann&id=t1")[1]["saved"]["ranks"] == [3, 2, 1]
+    assert call(restarted, "/api/next?annotator=ann")[1]["task"]["id"] == "t2"
+
+    out = tmp_path / "rankings.jsonl"
+    code, stdout, err = cli("label", "export", tmp_path / "labels.jsonl", "--format", "rankings", "--out", out)
+    assert code == 0 and json.loads(stdout)["superseded"] == 2, err
+    assert [(r["task_id"], r["ranks"]) for r in read_rows(out)] == [("t1", [3, 2, 1]), ("t0", [1, 1, 2])]
+    code, stdout, err = cli("label", "stats", tmp_path / "labels.jsonl", "--json")
+    stats = json.loads(stdout)
+    assert (stats["labels"], stats["superseded"], stats["per_annotator"]["ann"]["skipped"]) == (2, 2, 0)
+
+
+def test_a_revised_skip_gives_up_the_overlap_slot_and_back(start):
+    server = start(overlap=1)
+    label(server, "a")  # a ranks t0
+    assert call(server, "/api/label", {"annotator": "a", "task_id": "t0", "skipped": True, "revise": True})[0] == 200
+    assert call(server, "/api/next?annotator=b")[1]["task"]["id"] == "t0"  # a's skip freed t0 for b
+
+
+def test_guidelines_go_out_with_each_task_and_their_hash_into_each_label(tmp_path, tasks_file, cli):
+    import hashlib
+
+    guide = tmp_path / "guide.md"
+    guide.write_text("# Better means\n\n- **correct** first\n")
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{**TASKS[0], "guidelines": "Exact numbers only."}, TASKS[1]])
+    server = make_server(tasks, tmp_path / "labels.jsonl", port=0, guidelines=guide)
+    serve_in_thread(server)
+    try:
+        first = call(server, "/api/next?annotator=ann")[1]["task"]
+        assert first["guidelines"] == guide.read_text() + "\n\nExact numbers only."  # the file's, then the task's
+        digest = hashlib.sha256(first["guidelines"].encode()).hexdigest()
+        assert first["guidelines_sha256"] == digest
+        body = {"annotator": "ann", "task_id": "t0", "ranks": [1, 2, 3]}
+        assert call(server, "/api/label", {**body, "guidelines_sha256": "0" * 64})[0] == 409  # an older page
+        assert call(server, "/api/label", {**body, "guidelines_sha256": digest})[0] == 200
+        second = call(server, "/api/next?annotator=ann")[1]["task"]
+        assert second["guidelines"] == guide.read_text()
+        assert call(server, "/api/label", {**body, "task_id": "t1"})[0] == 200  # no hash sent: the current one
+    finally:
+        stop(server)
+    rows = read_rows(tmp_path / "labels.jsonl")
+    assert rows[0]["guidelines_sha256"] == digest
+    assert rows[1]["guidelines_sha256"] == hashlib.sha256(guide.read_bytes()).hexdigest()
+    code, _, err = cli("label", "serve", tasks, "--labels", tmp_path / "l.jsonl", "--guidelines", tmp_path / "no.md")
+    assert code == 2 and "--guidelines" in err and "no.md" in err and "file not found" in err, err

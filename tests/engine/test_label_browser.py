@@ -10,19 +10,9 @@ saves a screenshot of the page (README's docs/label.png).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
-import pytest
 from engine_helpers import read_rows, write_jsonl
-
-CHROMIUM = os.environ.get("RLFUSE_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+from label_browser import free_port, launch, start_server, sync_playwright_or_skip
 
 TASKS = [
     {"id": "q1", "prompt": "What's 4-2 and 3-1?",
@@ -30,40 +20,6 @@ TASKS = [
     {"id": "q2", "prompt": "What's 9+8?", "responses": ["17", "9+8 = 17.", "18"]},
     {"id": "q3", "prompt": "say sun", "responses": ["sun", "moon", "tree"]},
 ]
-
-
-def _sync_playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright Python package is not installed (pip install playwright; "
-                    "the browser is Debian's chromium, never `playwright install`)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set RLFUSE_CHROMIUM)")
-    return sync_playwright
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tasks: Path, labels: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "rlfuse.engine.cli", "label", "serve", str(tasks),
-                             "--labels", str(labels), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://localhost:{port}/", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(f"label server exited: {proc.stdout.read()}") from None
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("label server did not start within 30 s")
 
 
 def shown_texts(page) -> list[str]:
@@ -75,15 +31,15 @@ def press_card(page, text: str) -> None:
 
 
 def test_rank_by_keyboard_survive_a_kill_and_export(tmp_path, cli):
-    sync_playwright = _sync_playwright()
+    sync_playwright = sync_playwright_or_skip()
     from playwright.sync_api import expect
 
     tasks, labels = write_jsonl(tmp_path / "tasks.jsonl", TASKS), tmp_path / "labels.jsonl"
-    port = _free_port()
+    port = free_port()
     server = start_server(tasks, labels, port)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            browser = launch(pw)
             page = browser.new_page(viewport={"width": 1100, "height": 760})
             page.goto(f"http://localhost:{port}/?annotator=alice")
             expect(page.locator("#progress")).to_have_text("0 / 3 done")

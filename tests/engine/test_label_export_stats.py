@@ -58,8 +58,10 @@ def test_export_rankings_feeds_the_reward_model(tmp_path, labels, cli):
 def test_export_trl_preference_format(tmp_path, labels, cli):
     out = tmp_path / "trl.jsonl"
     assert cli("label", "export", labels, "--format", "trl", "--out", out, "--margin")[0] == 0
-    rows = read_rows(out)
-    assert rows[:3] == [{"prompt": "prompt t0", "chosen": c, "rejected": r, "margin": m}
+    rows = read_rows(out)  # t6 has a system message: the whole file is conversational
+    assert rows[:3] == [{"prompt": [{"role": "user", "content": "prompt t0"}],
+                         "chosen": [{"role": "assistant", "content": c}],
+                         "rejected": [{"role": "assistant", "content": r}], "margin": m}
                         for c, r, m in (("b", "a", 1.0), ("b", "c", 2.0), ("a", "c", 1.0))]  # m = rank gap
     assert rows[-1] == {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "prompt t6"}],
                         "chosen": [{"role": "assistant", "content": "x"}],
