@@ -8,6 +8,7 @@
     rlfuse export   CHECKPOINT --out DIR [--adapter-only] [--role reward]   (HF / peft / seq-cls)
     rlfuse generate CHECKPOINT --prompts F --out F.jsonl [--temperature T]
     rlfuse chat     CHECKPOINT [--temperature T] [--system TEXT]
+    rlfuse eval     --checkpoints A B ... --prompts F (--reward-fn M:F | --reward-checkpoint RM) [--out DIR]
     rlfuse memory   [--model tiny-small] [--batch-size 4] [--seq-len 128]
     rlfuse demo ... / rlfuse bench ...       (forwarded to their own modules)
     rlfuse label sample|serve|export|stats   (people rank responses; see rlfuse.engine.label)
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
 
     _after_training_verbs(sub)
+    _eval_verb(sub)
     sub.add_parser("demo", help="run the demo (see rlfuse.engine.demo)", add_help=False)
     sub.add_parser("label", help="people rank responses: sample | serve | export | stats", add_help=False)
     sub.add_parser("bench", help="run the kernel benchmarks (see rlfuse.benchmarks)", add_help=False)
@@ -123,6 +125,28 @@ def _after_training_verbs(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--system", help="system message")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _eval_verb(sub) -> None:
+    """rlfuse eval: checkpoints answer the same prompts; scored, compared pairwise (engine/evaluate.py)."""
+    p = sub.add_parser("eval", help="compare checkpoints on the same prompts (accuracy, reward, KL, paired CIs)")
+    p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoint, stage or run folders of one base model ('base': the bare base model)")
+    p.add_argument("--prompts", required=True, help="prompts: JSONL of {prompt} or {messages}")
+    p.add_argument("--reward-fn", help="score answers with a Python function: module:function or file.py:function")
+    p.add_argument("--reward-checkpoint", help="score answers with a trained reward model (an rm stage or run folder)")
+    p.add_argument("--reference", help="the KL's reference: a checkpoint or 'base' (default: the run's sft, else base)")
+    p.add_argument("--success", type=float, default=1.0, help="an answer counts as right when its reward is >= this")
+    p.add_argument("--temperature", type=float, help="sample softmax(logits/T); default (or 0): greedy")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=1, help="answers per prompt")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for eval.json, eval.md and answers.jsonl")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the runs' saved config, e.g. model.quantization=none")
 
 
 def _typed_overrides(args) -> dict:
@@ -287,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             from .export import main as export_main
 
             return export_main(args)
-        if args.command in ("generate", "chat"):
+        if args.command in ("generate", "chat", "eval"):
             import importlib
 
-            return importlib.import_module(f".{args.command}", __package__).main(args)
+            module = {"eval": "evaluate"}.get(args.command, args.command)
+            return importlib.import_module(f".{module}", __package__).main(args)
         if args.command == "plot":
             from .plot import plot_run
 
