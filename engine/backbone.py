@@ -51,7 +51,7 @@ ROLES = {
 POLICY, REFERENCE, REWARD, VALUE = (ROLES[r].adapter for r in ("policy", "reference", "reward", "value"))
 from .heads import ScalarHead, gather_last
 from .lm_head_options import lm_head_logit_options
-from .model_files import check_gguf, check_model_dir
+from .model_files import cached_gguf_tokenizer, check_gguf, check_model_dir, dequantized_gguf, gguf_cache_root
 
 class _DropMissingCpuKernelNotice(logging.Filter):
     # bitsandbytes logs this at import on every AVX512-BF16 CPU without the optional `kernels`
@@ -347,7 +347,11 @@ def load_tokenizer(cfg: ModelConfig):
         from transformers import AutoTokenizer
 
         directory, gguf = _locate(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
+        cache = gguf_cache_root(cfg.gguf_cache) if gguf else None
+        if cache is not None:  # read from the .gguf once, then from the cache
+            tokenizer = cached_gguf_tokenizer(Path(directory) / gguf, cache, cfg.trust_remote_code)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # batching needs a pad token; padded positions are masked anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if not tokenizer.chat_template:
@@ -376,7 +380,10 @@ def _load_base_model(cfg: ModelConfig, tokenizer, device: str, dtype: torch.dtyp
                                                         quantization_config=qconfig, device_map={"": device})
     directory, gguf = _locate(cfg)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
-    if gguf:
+    cache = gguf_cache_root(cfg.gguf_cache) if gguf else None
+    if cache is not None:  # dequantized to `dtype` once, then loaded from the copy (model.gguf_cache)
+        directory = str(dequantized_gguf(Path(directory) / gguf, dtype, cache, cfg.trust_remote_code)[0])
+    elif gguf:
         kwargs["gguf_file"] = gguf  # transformers dequantizes GGUF weights to `dtype`
     if qconfig is not None:
         kwargs.update(quantization_config=qconfig, device_map={"": device})

@@ -23,6 +23,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class ModelConfig:
     name_or_path: str = "tiny"  # "tiny" preset, a local HF model directory, or a .gguf file
     gguf_file: str | None = None  # file name inside name_or_path when it is a directory
+    # a .gguf model: auto/on (dequantized once per dtype into $RLFUSE_CACHE, default ~/.cache/rlfuse,
+    # then loaded from that copy) | off (transformers dequantizes the file on every load) | a folder
+    gguf_cache: str = "auto"
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto (4-bit on CUDA, none on CPU) | 4bit | 8bit | none
     lora_r: int = 8

@@ -108,3 +108,79 @@ def check_gguf(path: Path) -> None:
                          f"{REFETCH}") from None
     if end > size:
         raise ValueError(f"{path} is truncated: {size} bytes where its tensors need {end}: {REFETCH}")
+
+
+# --------------------------------------------------------------------------- GGUF: dequantized once
+
+def gguf_cache_root(setting: str) -> Path | None:
+    """Where ``model.gguf_cache`` keeps dequantized copies: ``auto``/``on``: ``$RLFUSE_CACHE``
+    (default ``~/.cache/rlfuse``); ``off``: nowhere (the .gguf is read on every load); else a folder."""
+    import os
+
+    if setting == "off":
+        return None
+    if setting in ("auto", "on"):
+        return Path(os.environ.get("RLFUSE_CACHE") or Path.home() / ".cache" / "rlfuse")
+    return Path(setting).expanduser()
+
+
+def _gguf_key_dir(gguf: Path, root: Path) -> Path:
+    st = gguf.stat()  # the file's name, size and mtime: a changed file gets a fresh copy
+    return root / "models" / f"{gguf.stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; a copy another process published first wins."""
+    import shutil
+
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_gguf_tokenizer(gguf: Path, root: Path, trust_remote_code: bool = False):
+    """The tokenizer of a .gguf file, read from it once (~4 s for SmolLM2) and then from the cache."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    out = _gguf_key_dir(gguf, root) / "tokenizer"
+    if not (out / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(tmp)
+        _publish(tmp, out)
+    return AutoTokenizer.from_pretrained(str(out), trust_remote_code=trust_remote_code)
+
+
+def dequantized_gguf(gguf: Path, dtype, root: Path, trust_remote_code: bool = False) -> tuple[Path, bool]:
+    """(folder, made now): a safetensors copy of a .gguf model's weights in ``dtype``, keyed by the
+    file and the dtype. transformers' ``gguf_file=`` dequantizes every tensor on each load (~20 s
+    of CPU for SmolLM2-135M and ~1 GB of buffers); the copy loads memory-mapped in under a second."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(gguf)
+    out = _gguf_key_dir(gguf, root) / str(dtype).removeprefix("torch.")
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out, False
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    model.hf_quantizer = None  # plain tensors now: drop the gguf marker so they can be saved
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    (tmp / "SOURCE.txt").write_text(f"{gguf} dequantized to {dtype} by rlfuse (model.gguf_cache)\n")
+    _publish(tmp, out)
+    del model
+    from .memory import release_memory
+
+    release_memory()  # the GGUF reader's buffers and the dequantized model are not needed again
+    return out, True

@@ -11,6 +11,12 @@ from rlfuse.engine.data import pad
 gguf = pytest.importorskip("gguf")
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """model.gguf_cache's default folder, here and not in the home directory."""
+    monkeypatch.setenv("RLFUSE_CACHE", str(tmp_path / "cache"))
+
+
 def _permute(w, n_head):
     """HF q/k rows -> llama.cpp's rotary layout (transformers undoes this when loading)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -77,3 +83,42 @@ def test_gguf_file_loads_model_tokenizer_and_chat_template(tmp_path):
     by_dir = load_backbone(ModelConfig(name_or_path=str(tmp_path), gguf_file="tiny.gguf"), device="cpu")
     with torch.no_grad():
         torch.testing.assert_close(by_dir.hidden_states(ids, mask), ref.hidden_states(ids, mask))
+
+
+def test_gguf_is_dequantized_once_per_dtype_and_cached(tmp_path, monkeypatch):
+    """model.gguf_cache: the first load writes a safetensors copy in the resolved dtype (and the
+    tokenizer), later loads read the copy, not the .gguf; ``off`` writes nothing."""
+    import transformers
+
+    tok = tiny.build_tokenizer()
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tok, tiny.build_model(tok))
+    cache = tmp_path / "mine"
+    ref = load_backbone(ModelConfig(), device="cpu")
+    first = load_backbone(ModelConfig(name_or_path=str(path), dtype="float32", gguf_cache=str(cache)), device="cpu")
+    (key,) = (cache / "models").iterdir()
+    assert key.name.startswith("tiny-") and {p.name for p in key.iterdir()} == {"float32", "tokenizer"}
+    assert (key / "float32" / "model.safetensors").is_file() and not (key / "float32" / "tokenizer.json").exists()
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    again = load_backbone(ModelConfig(name_or_path=str(path), dtype="float32", gguf_cache=str(cache)), device="cpu")
+    assert seen == [None]  # read from the copy, not the .gguf
+    ids, mask = pad([[5, 40, 41, 42, 2], [5, 50]], 0, side="left")
+    with torch.no_grad():
+        for bb in (first, again):
+            torch.testing.assert_close(bb.hidden_states(ids, mask), ref.hidden_states(ids, mask))
+    assert again.tokenizer.chat_template == tiny.CHAT_TEMPLATE and again.eos_token_ids() == [2]
+
+    # another dtype is another copy beside the first; off reads the .gguf and writes nothing
+    half = load_backbone(ModelConfig(name_or_path=str(path), dtype="bfloat16", gguf_cache=str(cache)), device="cpu")
+    assert half.lm_head.weight.dtype == torch.bfloat16 and (key / "bfloat16" / "model.safetensors").is_file()
+    seen.clear()
+    load_backbone(ModelConfig(name_or_path=str(path), dtype="float32", gguf_cache="off"), device="cpu")
+    assert seen == ["tiny.gguf"] and not (tmp_path / "cache").exists()
