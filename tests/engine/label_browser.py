@@ -55,3 +55,8 @@ def start_server(tasks, labels, port: int, *extra: str) -> subprocess.Popen:
             time.sleep(0.1)
     proc.kill()
     raise AssertionError("label server did not start within 30 s")
+
+
+def shown_texts(page) -> list[str]:
+    """The cards' texts in the order the page shows them."""
+    return page.eval_on_selector_all(".card .md", "els => els.map(e => e.textContent)")

@@ -3,16 +3,14 @@ restart it, finish, and check the exported pairs.
 
 Needs Debian's chromium (``apt-get install chromium`` -> /usr/bin/chromium, or RLFUSE_CHROMIUM)
 and the ``playwright`` Python package (never ``playwright install``: no browser download).
-Skips with the reason when either is missing. With RLFUSE_LABEL_SCREENSHOT=path.png it also
-saves a screenshot of the page (README's docs/label.png).
+Skips with the reason when either is missing. The page's finer behaviour (layout, markdown,
+guidelines, history, keys and screen readers) is tested in test_label_page.py.
 """
 
 from __future__ import annotations
 
-import os
-
 from engine_helpers import read_rows, write_jsonl
-from label_browser import free_port, launch, start_server, sync_playwright_or_skip
+from label_browser import free_port, launch, shown_texts, start_server, sync_playwright_or_skip
 
 TASKS = [
     {"id": "q1", "prompt": "What's 4-2 and 3-1?",
@@ -20,10 +18,6 @@ TASKS = [
     {"id": "q2", "prompt": "What's 9+8?", "responses": ["17", "9+8 = 17.", "18"]},
     {"id": "q3", "prompt": "say sun", "responses": ["sun", "moon", "tree"]},
 ]
-
-
-def shown_texts(page) -> list[str]:
-    return page.eval_on_selector_all(".card > div", "els => els.map(e => e.textContent)")
 
 
 def press_card(page, text: str) -> None:
@@ -57,12 +51,6 @@ def test_rank_by_keyboard_survive_a_kill_and_export(tmp_path, cli):
             expect(page.locator("#submit")).to_be_disabled()
             press_card(page, joke)
             expect(page.locator("#submit")).to_be_enabled()
-            if shot := os.environ.get("RLFUSE_LABEL_SCREENSHOT"):
-                page.locator("#note").fill("the second one slips on 3-1")
-                page.set_viewport_size({"width": 1100, "height": 400})
-                page.screenshot(path=shot)
-                page.locator("#note").fill("")
-                page.keyboard.press("Escape")  # leave the note: keys rank again
             page.keyboard.press("Enter")
             expect(page.locator("#progress")).to_have_text("1 / 3 done")
 
