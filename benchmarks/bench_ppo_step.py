@@ -99,6 +99,7 @@ class SharedBackboneStep:
         from rlfuse.engine.advantages import compute_advantages
         from rlfuse.engine.ppo import ppo_update
         from rlfuse.engine.rollout import Rollout, score_rollout
+        from rlfuse.engine.step_values import UpdateBatch
 
         torch = self.torch
         bb, c = self.bb, self.cfg
@@ -117,7 +118,7 @@ class SharedBackboneStep:
         adv, ret = compute_advantages(ro, estimator="gae", n_samples=1, kl_coef=KL_COEF, kl_in_loss=False,
                                       gamma=c.gamma, lam=c.lam, whiten=True)
         t2 = self._clock()
-        stats = ppo_update(bb, self.opt, ro, adv, ret, c, KL_COEF)
+        stats = ppo_update(bb, self.opt, UpdateBatch.of(ro, adv, ret), c).stats  # gae: the KL is in the reward
         t3 = self._clock()
         return {"tokens": int(ro.response_mask.sum()), "loss": stats.get("loss"), "generate_s": t1 - t0,
                 "generated_tokens": int(completion.numel()), "score_s": t2 - t1, "update_s": t3 - t2}

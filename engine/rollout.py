@@ -1,4 +1,5 @@
-"""Rollouts: sample completions with the policy, then score them.
+"""Rollouts: sample completions with the policy (``sample_completions`` -> ``Sampled``), then
+score them (``score`` -> ``Scored``); the values are in ``step_values.py``.
 
 Layout of a rollout batch (P = longest prompt, R = longest completion):
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -29,14 +31,19 @@ from typing import Callable
 
 import torch
 
-from .backbone import POLICY
+from .backbone import POLICY, VALUE
 from .data import Prompt, end_of_turn_id, pad
+from .step_values import Sampled, Scored
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
 
 @dataclass
 class Rollout:
+    """The mutable record of scripts and tests: ``generate_rollout`` makes it, ``score_rollout``
+    fills it in place. The PPO step itself passes frozen values (``step_values.py``); the fields
+    and their meanings are theirs."""
+
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     prompt_len: int
@@ -58,17 +65,22 @@ class Rollout:
     def labels(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_len:]
 
+    @classmethod
+    def of(cls, value) -> "Rollout":
+        """A mutable copy of a step value's fields (``Sampled`` or ``Scored``)."""
+        return cls(**{f.name: getattr(value, f.name, None) for f in dataclasses.fields(cls)})
 
-def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max_new_tokens: int = 32,
-                     temperature: float = 1.0, seed: int = 0, iteration: int = 0,
-                     prompt_indices=None, sampling_round: int = 0) -> Rollout:
+
+def sample_completions(backbone, prompts: list[Prompt], *, n_samples: int = 1, max_new_tokens: int = 32,
+                       temperature: float = 1.0, seed: int = 0, iteration: int = 0,
+                       prompt_indices=None, sampling_round: int = 0, greedy: bool = False) -> Sampled:
     """Sample ``n_samples`` completions per prompt; rows of one prompt are adjacent (groups).
 
     Sample j of prompt i draws its randomness from the key (seed, iteration, prompt_indices[i], j)
     only, so it is the same whatever batch, shard or process it lands in: pass GLOBAL dataset
     indices as ``prompt_indices`` (default: 0..len(prompts)-1). ``sampling_round`` > 0 (dynamic
     sampling's refills) extends the key, so a prompt drawn again in the same iteration gets
-    fresh samples."""
+    fresh samples. ``greedy``: argmax completions instead (evaluation: no randomness, no keys)."""
     from .sampler import sample
 
     tok = backbone.tokenizer
@@ -83,7 +95,8 @@ def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max
     keys = [(seed, iteration, i, j) + ((sampling_round,) if sampling_round else ())
             for i in prompt_indices for j in range(n_samples)]
     ids, attn = pad([p.input_ids for p in rows], tok.pad_token_id, side="left", device=backbone.device)
-    out = sample(backbone, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature, row_keys=keys)
+    out = sample(backbone, ids, attn, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                 row_keys=None if greedy else keys)
     P = ids.shape[1]
     completion = out.tokens
     is_eos = torch.isin(completion, torch.tensor(backbone.eos_token_ids(), device=completion.device))
@@ -91,29 +104,34 @@ def generate_rollout(backbone, prompts: list[Prompt], *, n_samples: int = 1, max
     completion = completion.masked_fill(after_eos, tok.pad_token_id)
     response_mask = (~after_eos).long()
     texts = tok.batch_decode([c[m.bool()] for c, m in zip(completion, response_mask)], skip_special_tokens=True)
-    return Rollout(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([attn, response_mask], 1),
+    return Sampled(input_ids=torch.cat([ids, completion], 1), attention_mask=torch.cat([attn, response_mask], 1),
                    prompt_len=P, response_mask=response_mask.float(), prompts=[p.raw for p in rows],
                    completions=texts, truncated=~out.finished, sample_logp=out.logprobs * response_mask)
 
 
+def generate_rollout(backbone, prompts: list[Prompt], **kwargs) -> Rollout:
+    """``sample_completions`` as a mutable ``Rollout`` (for ``score_rollout``; same arguments)."""
+    return Rollout.of(sample_completions(backbone, prompts, **kwargs))
+
+
 _ROW_FIELDS = ("logp", "ref_logp", "entropy", "values", "sample_logp")  # [B, R], 0 past a row's tokens
+_ROW_VALUES = ("scores", "truncated")  # [B]
 
 
-def select_rows(ro: Rollout, rows: list[int]) -> Rollout:
-    """The rollout of rows ``rows`` only (a new record; ``ro`` is left as it is)."""
+def select_rows(ro, rows: list[int]):
+    """The record (``Rollout`` or a step value, same type) of rows ``rows`` only; ``ro`` is left as it is."""
     idx = torch.as_tensor(rows, dtype=torch.long, device=ro.input_ids.device)
-    pick = lambda t: None if t is None else t[idx]  # noqa: E731
-    return Rollout(input_ids=ro.input_ids[idx], attention_mask=ro.attention_mask[idx], prompt_len=ro.prompt_len,
-                   response_mask=ro.response_mask[idx], prompts=[ro.prompts[i] for i in rows],
-                   completions=[ro.completions[i] for i in rows], scores=pick(ro.scores),
-                   truncated=pick(None if ro.truncated is None else torch.as_tensor(ro.truncated)),
-                   **{f: pick(getattr(ro, f)) for f in _ROW_FIELDS})
+    pick = lambda t: None if t is None else torch.as_tensor(t)[idx]  # noqa: E731
+    return dataclasses.replace(ro, input_ids=ro.input_ids[idx], attention_mask=ro.attention_mask[idx],
+                               response_mask=ro.response_mask[idx], prompts=[ro.prompts[i] for i in rows],
+                               completions=[ro.completions[i] for i in rows],
+                               **{f: pick(getattr(ro, f)) for f in _ROW_FIELDS + _ROW_VALUES})
 
 
-def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """One rollout of several, in order: prompts re-padded on the left to the longest prompt,
-    completions (and every [B, R] field) on the right to the longest completion, so the layout
-    of ``Rollout`` holds (every completion starts at column P)."""
+def concat_rollouts(parts: list, pad_id: int):
+    """One record of several (all of one type), in order: prompts re-padded on the left to the
+    longest prompt, completions (and every [B, R] field) on the right to the longest completion,
+    so the layout holds (every completion starts at column P)."""
     if len(parts) == 1:
         return parts[0]
     P = max(r.prompt_len for r in parts)
@@ -133,12 +151,13 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         if any(have) and not all(have):
             raise ValueError(f"concat_rollouts: {f} is scored in some parts and not in others")
         fields[f] = torch.cat([grid(getattr(r, f), R, 0.0) for r in parts]) if all(have) else None
-    cat = lambda name: (torch.cat([torch.as_tensor(getattr(r, name)) for r in parts])  # noqa: E731
-                        if all(getattr(r, name) is not None for r in parts) else None)
-    return Rollout(input_ids=ids, attention_mask=attn, prompt_len=P,
-                   response_mask=torch.cat([grid(r.response_mask, R, 0.0) for r in parts]),
-                   prompts=[p for r in parts for p in r.prompts], completions=[c for r in parts for c in r.completions],
-                   scores=cat("scores"), truncated=cat("truncated"), **fields)
+    for f in _ROW_VALUES:
+        fields[f] = (torch.cat([torch.as_tensor(getattr(r, f)) for r in parts])
+                     if all(getattr(r, f) is not None for r in parts) else None)
+    return dataclasses.replace(parts[0], input_ids=ids, attention_mask=attn, prompt_len=P,
+                               response_mask=torch.cat([grid(r.response_mask, R, 0.0) for r in parts]),
+                               prompts=[p for r in parts for p in r.prompts],
+                               completions=[c for r in parts for c in r.completions], **fields)
 
 
 def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temperature: float,
@@ -152,27 +171,45 @@ def policy_outputs(backbone, input_ids, attention_mask, prompt_len: int, *, temp
     return logp, entropy, values
 
 
-@torch.no_grad()
-def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn: RewardFn | None = None,
-                  with_values: bool = True, batch_size: int = 32, with_policy: bool = True) -> Rollout:
-    """Fill ``ro`` with old log-probs, entropy, values, reference log-probs and scores.
+def critic_values(backbone, input_ids, attention_mask, prompt_len: int) -> torch.Tensor:
+    """Values [B, R] from the ``value`` adapter's own forward (ppo.critic=adapter)."""
+    with backbone.use(VALUE):
+        hidden = backbone.completion_hidden_states(input_ids, attention_mask, prompt_len)
+    return backbone.value_head(hidden)
 
-    ``with_policy=False`` skips the policy pass (``ro.logp``/``entropy``/``values`` stay None):
-    with ONE optimisation pass over ONE minibatch, the update's own forward gives the old
-    log-probs (see ``ppo.ppo_update``), as TRL does."""
+
+VALUE_SOURCES = (None, "policy", "adapter")  # no critic | value head on the policy's pass | the value adapter's
+
+
+@torch.no_grad()
+def score(backbone, sampled, *, temperature: float = 1.0, reward_fn: RewardFn | None = None,
+          values: str | None = "policy", batch_size: int = 32, with_policy: bool = True) -> Scored:
+    """The ``Scored`` value of ``sampled``: reference log-probs, raw scores and, with ``with_policy``,
+    the old log-probs and entropies; ``values`` from the value head on the policy's pass
+    ("policy"), on the value adapter's own pass ("adapter"), or none (None).
+
+    ``with_policy=False`` skips the policy pass (logp / entropy None; values need "adapter" or
+    None): with ONE optimisation pass over ONE minibatch, the update's own forward gives the
+    old log-probs (``update_plan.reuses_forward``), as TRL does."""
+    if values not in VALUE_SOURCES:
+        raise ValueError(f"score: values must be one of {VALUE_SOURCES}, got {values!r}")
+    if values == "policy" and not with_policy:
+        raise ValueError("score: values from the policy's pass need with_policy=True")
     was_training = backbone.model.training
     backbone.train(False)
-    P, mask = ro.prompt_len, ro.response_mask
+    P, mask = sampled.prompt_len, sampled.response_mask
     logps, refs, ents, vals, scores = [], [], [], [], []
-    for i in range(0, len(ro), batch_size):
-        ids, attn = ro.input_ids[i: i + batch_size], ro.attention_mask[i: i + batch_size]
+    for i in range(0, len(sampled), batch_size):
+        ids, attn = sampled.input_ids[i: i + batch_size], sampled.attention_mask[i: i + batch_size]
         if with_policy:
             with backbone.use(POLICY):
                 logp, ent, val = policy_outputs(backbone, ids, attn, P, temperature=temperature,
-                                                with_values=with_values)
+                                                with_values=values == "policy")
             logps.append(logp), ents.append(ent)
             if val is not None:
                 vals.append(val)
+        if values == "adapter":
+            vals.append(critic_values(backbone, ids, attn, P))
         with backbone.use(backbone.reference_adapter):
             ref = backbone.token_logprobs(backbone.completion_hidden_states(ids, attn, P), ids[:, P:],
                                           temperature=temperature)
@@ -183,10 +220,23 @@ def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn:
             scores.append(backbone.reward_scores(r_ids, r_attn).float())
     backbone.train(was_training)
 
-    ro.ref_logp = torch.cat(refs) * mask
-    ro.logp, ro.entropy = (torch.cat(x) * mask if x else None for x in (logps, ents))
-    ro.values = torch.cat(vals) * mask if vals else None
-    ro.scores = torch.cat(scores) if reward_fn is None else call_reward_fn(reward_fn, ro, device=mask.device)
+    logp, entropy = (torch.cat(x) * mask if x else None for x in (logps, ents))
+    base = {f.name: getattr(sampled, f.name) for f in dataclasses.fields(Sampled)}
+    return Scored(**base, ref_logp=torch.cat(refs) * mask, logp=logp, entropy=entropy,
+                  values=torch.cat(vals) * mask if vals else None,
+                  scores=torch.cat(scores) if reward_fn is None else call_reward_fn(reward_fn, sampled,
+                                                                                     device=mask.device))
+
+
+def score_rollout(backbone, ro: Rollout, *, temperature: float = 1.0, reward_fn: RewardFn | None = None,
+                  with_values: bool = True, batch_size: int = 32, with_policy: bool = True) -> Rollout:
+    """``score`` for a mutable ``Rollout``: fills ``ro`` in place (old log-probs, entropy, values
+    from the policy's pass, reference log-probs, scores) and returns it."""
+    scored = score(backbone, ro, temperature=temperature, reward_fn=reward_fn,
+                   values="policy" if with_values and with_policy else None, batch_size=batch_size,
+                   with_policy=with_policy)
+    for name in ("logp", "ref_logp", "entropy", "values", "scores"):
+        setattr(ro, name, getattr(scored, name))
     return ro
 
 

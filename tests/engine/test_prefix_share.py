@@ -144,6 +144,7 @@ def test_micro_batched_update_is_the_one_batch_update(agg, critic):
     from rlfuse.engine.config import RunConfig
     from rlfuse.engine.ppo import ppo_update, resolve_loss_options
     from rlfuse.engine.rollout import Rollout, score_rollout
+    from rlfuse.engine.step_values import UpdateBatch
 
     bb = _backbone(False)
     ids, attn, P, cmask = _batch(bb, n_samples=2, R=6)
@@ -167,7 +168,8 @@ def test_micro_batched_update_is_the_one_batch_update(agg, critic):
             for p, s in zip(params, start):
                 p.copy_(s)
         c = resolve_loss_options(dataclasses.replace(base, micro_batch_size=mbs))
-        stats[mbs] = ppo_update(bb, torch.optim.SGD(params, lr=0.5), ro, adv, ret, c, kl_coef=0.1)
+        batch = UpdateBatch.of(ro, adv, ret, loss_kl_coef=0.1 if c.kl_in_loss else 0.0)
+        stats[mbs] = ppo_update(bb, torch.optim.SGD(params, lr=0.5), batch, c).stats
         deltas[mbs] = [p.detach() - s for p, s in zip(params, start)]
     assert sum(float(d.abs().sum()) for d in deltas[None]) > 1e-3
     for mbs in (2, 3):
@@ -188,4 +190,4 @@ def test_micro_batch_size_is_validated():
     assert validate(load_config(None, {"ppo": {"micro_batch_size": None}})).ppo.micro_batch_size is None
     c = dataclasses.replace(RunConfig().ppo, micro_batch_size=-1)
     with pytest.raises(ValueError, match="ppo.micro_batch_size must be a positive integer"):
-        ppo_update(None, None, None, None, None, c, 0.0)
+        ppo_update(None, None, None, c)

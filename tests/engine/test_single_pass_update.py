@@ -12,6 +12,7 @@ from rlfuse.engine.config import ModelConfig, RunConfig
 from rlfuse.engine.data import Prompt
 from rlfuse.engine.ppo import ppo_update, resolve_loss_options
 from rlfuse.engine.rollout import generate_rollout, score_rollout
+from rlfuse.engine.step_values import UpdateBatch
 
 
 def _prompts(tok):
@@ -57,17 +58,19 @@ def test_single_pass_update_reuses_the_training_forward():
                 p.copy_(s)
         adv, _ = compute_advantages(rollout, estimator="grpo", n_samples=4, kl_coef=0.1, kl_in_loss=True)
         torch.manual_seed(0)
-        stats = ppo_update(bb, torch.optim.SGD(params, lr=0.5), rollout, adv, None, c, kl_coef=0.1)
-        return stats, [p.detach().clone() - s for p, s in zip(params, start)]
+        result = ppo_update(bb, torch.optim.SGD(params, lr=0.5), UpdateBatch.of(rollout, adv, None, loss_kl_coef=0.1), c)
+        return result, [p.detach().clone() - s for p, s in zip(params, start)]
 
-    stats_full, delta_full = update(full)
-    stats_skip, delta_skip = update(skip)
+    result_full, delta_full = update(full)
+    result_skip, delta_skip = update(skip)
+    stats_skip = result_skip.stats
     assert sum(float(d.abs().sum()) for d in delta_full) > 1e-3  # the step really moved the policy
     for a, b in zip(delta_full, delta_skip):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    # the training forward's log-probs and entropies fill the rollout for the KL / entropy metrics
-    torch.testing.assert_close(skip.logp, full.logp, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(skip.entropy, full.entropy, atol=1e-5, rtol=1e-5)
+    # the training forward's log-probs and entropies come back for the KL / entropy metrics
+    assert result_full.old_logp is None  # scored old log-probs: nothing to give back
+    torch.testing.assert_close(result_skip.old_logp, full.logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result_skip.entropy, full.entropy, atol=1e-5, rtol=1e-5)
     assert stats_skip["clipfrac"] == 0.0 and abs(stats_skip["approx_kl"]) < 1e-6  # ratio exactly 1
 
 
@@ -79,4 +82,5 @@ def test_reusing_the_training_forward_needs_a_single_pass():
                                                  minibatch_size=len(ro)))
     adv, _ = compute_advantages(skip, estimator="grpo", n_samples=2, kl_coef=0.1, kl_in_loss=True)
     with pytest.raises(ValueError, match="needs ppo_epochs=1, one minibatch"):
-        ppo_update(bb, torch.optim.SGD(bb.adapter_parameters("policy"), lr=0.1), skip, adv, None, c, kl_coef=0.1)
+        ppo_update(bb, torch.optim.SGD(bb.adapter_parameters("policy"), lr=0.1),
+                   UpdateBatch.of(skip, adv, None, loss_kl_coef=0.1), c)

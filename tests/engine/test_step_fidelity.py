@@ -20,6 +20,7 @@ from rlfuse.engine.config import ModelConfig, PPOConfig, RunConfig, apply_overri
 from rlfuse.engine.data import encode_conversation, encode_prompt, reward_ids
 from rlfuse.engine.ppo import POLICY, VALUE, ppo_update
 from rlfuse.engine.rollout import Rollout
+from rlfuse.engine.step_values import UpdateBatch
 
 
 def _backbone(checkpointing: bool):
@@ -80,7 +81,7 @@ def _update_grads(monkeypatch, checkpointing: bool, critic: str, n_samples: int)
                   value_coef=0.5, kl_coef=0.0, entropy_coef=0.0)
     with monkeypatch.context() as patch:
         patch.setattr(D, "clip_grad_norm_", recording)
-        ppo_update(bb, opt, ro, adv, ret, c, kl_coef=0.0)
+        ppo_update(bb, opt, UpdateBatch.of(ro, adv, ret), c)
     return seen
 
 

@@ -180,3 +180,32 @@ def test_a_kernel_loss_option_reaches_the_op_from_the_config(cli, data, tmp_path
                        tmp_path / "run", "--max-steps", 1, "--advantage", "grpo", *FAST, "--set", "ppo.kl_clamp=10")
     assert code == 0, err
     assert seen and set(seen) == {10.0}
+
+
+def test_every_kernel_loss_option_is_a_ppo_key_with_the_kernels_default():
+    """PPOConfig reads the kernel's option table: a new PPOLossOptions field without a ppo.<key>
+    (or with another default) fails here, and the step passes the kernel's own object on."""
+    import dataclasses
+
+    from rlfuse.engine.config import PPOConfig
+    from rlfuse.engine.loss_options import AUTO_OPTIONS, CONFIG_OPTIONS, STEP_OPTIONS, loss_options
+    from rlfuse.kernels.ppo_options import PPOLossOptions
+
+    kernel = {f.name: f.default for f in dataclasses.fields(PPOLossOptions)}
+    config = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    assert set(CONFIG_OPTIONS) | set(STEP_OPTIONS) == set(kernel)
+    missing = [n for n in CONFIG_OPTIONS if n not in config]
+    assert not missing, f"kernel loss options without a ppo.<key> in PPOConfig: {missing}"
+    for name in CONFIG_OPTIONS:
+        assert config[name] == ("auto" if name in AUTO_OPTIONS else kernel[name]), name
+    opts = loss_options(PPOConfig(clip_eps=0.3, loss_agg="seq-mean-token-sum-norm", max_new_tokens=17), kl_coef=0.2)
+    assert isinstance(opts, PPOLossOptions) and (opts.clip_eps, opts.kl_coef, opts.loss_agg_norm) == (0.3, 0.2, 17.0)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("ppo.value_clip", -0.1, "value_clip must be >= 0"), ("ppo.dual_clip", 0.5, "dual_clip must be > 1"),
+    ("ppo.clip_eps_high", -1.0, "clip_eps_high must be >= 0"), ("ppo.value_coef", -0.5, "value_coef must be >= 0"),
+    ("ppo.kl_estimator", "k9", "unknown kl_estimator 'k9'")])
+def test_the_config_checks_loss_options_by_the_kernels_rule(key, value, message):
+    with pytest.raises(ValueError, match=rf"^config key '{key}': {message}"):
+        validate(apply_overrides(RunConfig(), {key: value}))
