@@ -31,3 +31,19 @@ def one_line_error(code, err, *words):
     assert len(lines) == 1 and lines[0].startswith("rlfuse: error: "), err
     assert all(w in lines[0] for w in words), err
     return lines[0]
+
+
+def chat_prompts(tok, texts=("say red", "a longer prompt", "hi")):
+    """``data.Prompt``s of one user turn each, rendered with the tokenizer's chat template."""
+    from rlfuse.engine.data import Prompt
+
+    out = []
+    for t in texts:
+        rendered = tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        out.append(Prompt(t, rendered, tok(rendered, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def length_reward(prompts, completions):
+    """A reward that varies with the completion (its length mod 3)."""
+    return [float(len(c) % 3) for c in completions]

@@ -5,26 +5,14 @@ import dataclasses
 
 import pytest
 import torch
+from engine_helpers import chat_prompts as _prompts, length_reward as _reward
 
 from rlfuse.engine.advantages import compute_advantages
 from rlfuse.engine.backbone import load_backbone
 from rlfuse.engine.config import ModelConfig, RunConfig
-from rlfuse.engine.data import Prompt
 from rlfuse.engine.ppo import ppo_update, resolve_loss_options
 from rlfuse.engine.rollout import generate_rollout, score_rollout
 from rlfuse.engine.step_values import UpdateBatch
-
-
-def _prompts(tok):
-    out = []
-    for t in ("say red", "a longer prompt", "hi"):
-        rendered = tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-        out.append(Prompt(t, rendered, tok(rendered, add_special_tokens=False)["input_ids"]))
-    return out
-
-
-def _reward(prompts, completions):
-    return [float(len(c) % 3) for c in completions]
 
 
 def test_single_pass_update_reuses_the_training_forward():

@@ -5,26 +5,14 @@ import dataclasses
 
 import pytest
 import torch
+from engine_helpers import chat_prompts, length_reward as _reward
 
 from rlfuse.engine.backbone import load_backbone
 from rlfuse.engine.config import ModelConfig, RunConfig
-from rlfuse.engine.data import Prompt
 from rlfuse.engine.ppo import ppo_update, resolve_ppo_config
 from rlfuse.engine.reward_scale import RewardScaler
 from rlfuse.engine.rollout import sample_completions, score
 from rlfuse.engine.step_values import Sampled, Scored, UpdateBatch, make_update_batch
-
-
-def _prompts(tok):
-    out = []
-    for t in ("say red", "a longer prompt here", "hi"):
-        rendered = tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-        out.append(Prompt(t, rendered, tok(rendered, add_special_tokens=False)["input_ids"]))
-    return out
-
-
-def _reward(prompts, completions):
-    return [float(len(c) % 3) for c in completions]
 
 
 def _snapshot(value) -> dict:
@@ -49,7 +37,7 @@ def backbone():
 
 
 def test_values_are_frozen_and_scoring_leaves_the_sample_alone(backbone):
-    sampled = sample_completions(backbone, _prompts(backbone.tokenizer), n_samples=2, max_new_tokens=5, seed=3)
+    sampled = sample_completions(backbone, chat_prompts(backbone.tokenizer, ("say red", "a longer prompt here", "hi")), n_samples=2, max_new_tokens=5, seed=3)
     assert type(sampled) is Sampled and sampled.truncated.dtype == torch.bool
     before = _snapshot(sampled)
     scored = score(backbone, sampled, reward_fn=_reward, values="policy")
@@ -69,7 +57,7 @@ def test_the_update_batch_places_the_kl_once_and_the_update_writes_nothing_back(
     c = dataclasses.replace(RunConfig().ppo, advantage=advantage, n_samples=n, kl_coef=0.1, ppo_epochs=1,
                             minibatch_size=6 if reuse else 4, micro_batch_size=None, reward_norm="none")
     c = resolve_ppo_config(c, use_reward_model=False)
-    sampled = sample_completions(backbone, _prompts(backbone.tokenizer), n_samples=n, max_new_tokens=5, seed=4)
+    sampled = sample_completions(backbone, chat_prompts(backbone.tokenizer, ("say red", "a longer prompt here", "hi")), n_samples=n, max_new_tokens=5, seed=4)
     scored = score(backbone, sampled, reward_fn=_reward, values="policy" if advantage == "gae" else None,
                    with_policy=not reuse)
     scored_before = _snapshot(scored)
