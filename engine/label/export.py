@@ -99,6 +99,8 @@ def export_records(labels: list[Label], fmt: str, *, margin: bool = False, trl_s
 
 
 def export_labels(labels_path, fmt: str, out, *, margin: bool = False, trl_style: str | None = None) -> dict:
+    if trl_style is not None and fmt != "trl":
+        raise ValueError(f"--trl-style is for --format trl, not --format {fmt}")
     if Path(out).is_dir():  # os.replace cannot put a file over a directory
         raise ValueError(f"--out {out} is a directory: name the JSONL file to write, e.g. {Path(out) / 'labels.jsonl'}")
     every = read_labels(labels_path)

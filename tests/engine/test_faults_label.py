@@ -66,6 +66,23 @@ def test_unparsable_line_refuses_to_start_naming_it(tmp_path, tasks, cli):
 
 # --------------------------------------------------------------------------- the CLI's refusals
 
+def test_trl_style_without_format_trl(tmp_path, cli):
+    labels = write_jsonl(tmp_path / "labels.jsonl", [_label("t0")])
+    code, _, err = cli("label", "export", labels, "--format", "pairs", "--trl-style", "standard",
+                       "--out", tmp_path / "o.jsonl")
+    one_line_error(code, err, "--trl-style is for --format trl")
+
+
+@pytest.mark.parametrize("content, message", [(b"\xff\xfe rank", "not valid UTF-8"), (b"  \n", "empty")])
+def test_guidelines_file_unreadable(tmp_path, cli, content, message):
+    write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    (tmp_path / "g.md").write_bytes(content)
+    code, _, err = cli("label", "serve", tmp_path / "tasks.jsonl", "--labels", tmp_path / "l.jsonl",
+                       "--guidelines", tmp_path / "g.md", "--port", "0")
+    one_line_error(code, err, "--guidelines", "g.md", message)
+    assert not (tmp_path / "l.jsonl").exists()  # refused before the store opened the file
+
+
 def test_export_out_existing_directory(tmp_path, cli):
     labels = write_jsonl(tmp_path / "labels.jsonl", [_label("t0")])
     (tmp_path / "outdir").mkdir()
@@ -127,6 +144,9 @@ def test_lone_surrogate_in_note_is_http_400(tmp_path):
         # a task id holding one is answered too (404, the message escaped), not a dropped connection
         status, answer = _post(server, json.dumps({**good, "task_id": "t\ud83d"}).encode())
         assert status == 404 and "unknown task id" in answer["error"]
+        skip = {"annotator": "ann", "task_id": "t0", "skipped": True, "skip_reason": "odd \udc00"}
+        status, answer = _post(server, json.dumps(skip).encode())
+        assert status == 400 and "skip_reason" in answer["error"], answer
         status, answer = _post(server, json.dumps({**good, "note": "fine \U0001F600"}).encode())
         assert status == 200, answer
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import urllib.error
@@ -9,9 +10,10 @@ import urllib.request
 
 import pytest
 from engine_helpers import read_rows, write_jsonl
+from label_helpers import server_threads, stop_server as stop
 
 from rlfuse.engine.label.records import read_labels, read_tasks
-from rlfuse.engine.label.server import make_server, serve_in_thread
+from rlfuse.engine.label.server import make_server
 from rlfuse.engine.label.store import LabelStore, shown_order
 
 TASKS = [{"id": f"t{i}", "prompt": f"What's {i}+1?", "responses": [f"{i + 1}", f"{i + 2}", f"maybe {i}"]}
@@ -25,24 +27,9 @@ def tasks_file(tmp_path):
 
 @pytest.fixture
 def start(tmp_path, tasks_file):
-    servers = []
-
-    def run(*, overlap=1, token=None, labels=None):
-        server = make_server(tasks_file, labels or tmp_path / "labels.jsonl", host="127.0.0.1", port=0,
-                             overlap=overlap, token=token)
-        serve_in_thread(server)
-        servers.append(server)
-        return server
-
-    yield run
-    for server in servers:
-        stop(server)
-
-
-def stop(server):
-    server.shutdown()
-    server.server_close()
-    server.store.close()
+    with server_threads() as run:
+        yield lambda *, overlap=1, token=None, labels=None: run(
+            tasks_file, labels or tmp_path / "labels.jsonl", overlap=overlap, token=token)
 
 
 def call(server, path, body=None, headers=None):
@@ -286,22 +273,19 @@ def test_history_reopen_and_a_revision_that_supersedes(start, tmp_path, cli):
     assert (stats["labels"], stats["superseded"], stats["per_annotator"]["ann"]["skipped"]) == (2, 2, 0)
 
 
-def test_a_revised_skip_gives_up_the_overlap_slot_and_back(start):
+def test_a_ranking_revised_into_a_skip_frees_the_overlap_slot(start):
     server = start(overlap=1)
     label(server, "a")  # a ranks t0
     assert call(server, "/api/label", {"annotator": "a", "task_id": "t0", "skipped": True, "revise": True})[0] == 200
     assert call(server, "/api/next?annotator=b")[1]["task"]["id"] == "t0"  # a's skip freed t0 for b
 
 
-def test_guidelines_go_out_with_each_task_and_their_hash_into_each_label(tmp_path, tasks_file, cli):
-    import hashlib
-
+def test_guidelines_go_out_with_each_task_and_their_hash_into_each_label(tmp_path, cli):
     guide = tmp_path / "guide.md"
     guide.write_text("# Better means\n\n- **correct** first\n")
     tasks = write_jsonl(tmp_path / "tasks.jsonl", [{**TASKS[0], "guidelines": "Exact numbers only."}, TASKS[1]])
-    server = make_server(tasks, tmp_path / "labels.jsonl", port=0, guidelines=guide)
-    serve_in_thread(server)
-    try:
+    with server_threads() as run:
+        server = run(tasks, tmp_path / "labels.jsonl", guidelines=guide)
         first = call(server, "/api/next?annotator=ann")[1]["task"]
         assert first["guidelines"] == guide.read_text() + "\n\nExact numbers only."  # the file's, then the task's
         digest = hashlib.sha256(first["guidelines"].encode()).hexdigest()
@@ -312,8 +296,6 @@ def test_guidelines_go_out_with_each_task_and_their_hash_into_each_label(tmp_pat
         second = call(server, "/api/next?annotator=ann")[1]["task"]
         assert second["guidelines"] == guide.read_text()
         assert call(server, "/api/label", {**body, "task_id": "t1"})[0] == 200  # no hash sent: the current one
-    finally:
-        stop(server)
     rows = read_rows(tmp_path / "labels.jsonl")
     assert rows[0]["guidelines_sha256"] == digest
     assert rows[1]["guidelines_sha256"] == hashlib.sha256(guide.read_bytes()).hexdigest()

@@ -10,7 +10,7 @@ guidelines, history, keys and screen readers) is tested in test_label_page.py.
 from __future__ import annotations
 
 from engine_helpers import read_rows, write_jsonl
-from label_browser import free_port, launch, shown_texts, start_server, sync_playwright_or_skip
+from label_helpers import free_port, launch, shown_texts, start_server, sync_playwright_or_skip
 
 TASKS = [
     {"id": "q1", "prompt": "What's 4-2 and 3-1?",

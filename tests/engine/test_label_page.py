@@ -12,9 +12,7 @@ import os
 
 import pytest
 from engine_helpers import read_rows, write_jsonl
-from label_browser import launch, shown_texts, sync_playwright_or_skip
-
-from rlfuse.engine.label.server import make_server, serve_in_thread
+from label_helpers import launch, server_threads, shown_texts, stop_server as stop, sync_playwright_or_skip
 
 TOKEN = "sha256:" + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" * 5
 URL = "https://example.com/" + "a-very-long-path-segment/" * 12 + "?q=" + "x" * 120
@@ -33,25 +31,8 @@ def browser():
 
 @pytest.fixture
 def serve(tmp_path):
-    servers = []
-
-    def run(tasks, **kw):
-        server = make_server(write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path / "labels.jsonl",
-                             host="127.0.0.1", port=0, **kw)
-        serve_in_thread(server)
-        servers.append(server)
-        return server
-
-    yield run
-    for server in servers:
-        stop(server)
-
-
-def stop(server):
-    if not server.store._fh.closed:
-        server.shutdown()
-        server.server_close()
-        server.store.close()
+    with server_threads() as run:
+        yield lambda tasks, **kw: run(write_jsonl(tmp_path / "tasks.jsonl", tasks), tmp_path / "labels.jsonl", **kw)
 
 
 @pytest.fixture
@@ -322,7 +303,7 @@ def test_cards_are_reachable_by_tab_and_say_their_rank(serve, open_page):
 
 
 def test_twenty_cards_by_two_digits(serve, open_page):
-    server = serve([{"id": "k12", "prompt": "p", "responses": [f"r{i}" for i in range(12)]}])
+    server = serve([{"id": "k20", "prompt": "p", "responses": [f"r{i}" for i in range(20)]}])
     page = open_page(server, width=1280, height=900)
 
     def rank_of(n):
@@ -336,8 +317,15 @@ def test_twenty_cards_by_two_digits(serve, open_page):
     page.keyboard.press("0")
     page.keyboard.press("5")
     assert rank_of(5) == "#3"
-    page.keyboard.press("1")  # 1, or 10 to 12? wait for the next digit, then take card one
+    page.keyboard.press("1")  # 1, or 10 to 19? wait for the next digit, then take card one
     assert placed(page) == 3 and "1_" in page.locator("#ranking").text_content()
     page.wait_for_function("document.querySelectorAll('.card.placed').length === 4", timeout=3000)
     assert rank_of(1) == "#4"
-    assert "Card 12: ranked 1st" == page.locator(".card[data-pos='11']").get_attribute("aria-label")
+    page.keyboard.press("2")
+    page.keyboard.press("=")  # another key ends the pending digit at once: card two, then a tie
+    assert rank_of(2) == "#5"
+    page.keyboard.press("2")
+    page.keyboard.press("0")
+    assert rank_of(20) == "#5" and placed(page) == 6  # card twenty, tied with card two
+    assert page.locator(".card[data-pos='19']").get_attribute("aria-label") == "Card 20: ranked 5th (tied)"
+    assert page.locator(".card[data-pos='11']").get_attribute("aria-label") == "Card 12: ranked 1st"

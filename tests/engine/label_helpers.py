@@ -1,6 +1,6 @@
-"""Helpers for the labelling page's browser tests: Debian's Chromium through playwright's
-``executable_path`` (never ``playwright install``), skipped with the reason where either is
-missing, and a label server in a subprocess or a thread."""
+"""Helpers for the labelling tests: a label server in a thread (``server_threads``) or a
+subprocess (``start_server``), and Debian's Chromium through playwright's ``executable_path``
+(never ``playwright install``), skipped with the reason where either is missing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
+
+from rlfuse.engine.label.server import make_server, serve_in_thread
 
 CHROMIUM = os.environ.get("RLFUSE_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -37,6 +40,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def server_threads():
+    """Yields ``run(tasks_path, labels_path, **make_server_options)``: a server thread on a free
+    loopback port; every one started is stopped on the way out."""
+    servers = []
+
+    def run(tasks_path, labels_path, **kw):
+        server = make_server(tasks_path, labels_path, host="127.0.0.1", port=0, **kw)
+        serve_in_thread(server)
+        servers.append(server)
+        return server
+
+    try:
+        yield run
+    finally:
+        for server in servers:
+            stop_server(server)
+
+
+def stop_server(server) -> None:
+    """Stop serving and close the labels file (again: a no-op)."""
+    if not server.store._fh.closed:
+        server.shutdown()
+        server.server_close()
+        server.store.close()
 
 
 def start_server(tasks, labels, port: int, *extra: str) -> subprocess.Popen:
