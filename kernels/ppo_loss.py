@@ -116,7 +116,7 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
              old_values: Tensor | None = None, returns: Tensor | None = None,
              value_clip: float | None = 0.2, value_coef: float = 0.5,
              loss_agg: str = "token-mean", loss_agg_norm: float | None = None,
-             kl_clamp: float | None = None):
+             kl_clamp: float | None = None, log_ratio_clamp: float | None = None):
     """PPO loss over the valid tokens of ``mask`` and a dict of detached scalar stats.
 
     Per token: ratio = exp(logp - old_logp); policy term max(-A*ratio, -A*clip(ratio,
@@ -133,6 +133,9 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
         i.e. of KL(pi||ref) (straight-through).
     ``kl_clamp`` (> 0): each token's estimate is clamped to [-kl_clamp, kl_clamp], with gradient
     0 where it was clamped (verl and OpenRLHF clamp k3 at 10): one outlier token cannot dominate.
+    ``log_ratio_clamp`` (> 0): logp - old_logp is clamped to [-log_ratio_clamp, log_ratio_clamp]
+    before the ratio's exp, with gradient 0 where it was clamped (verl clamps at 20), so a stale
+    old_logp cannot overflow the ratio; stats["approx_kl"] reads the clamped log-ratio too.
 
     ``loss_agg`` (rows = the leading dims of ``logp``, tokens = its last dim; rows with no valid
     token are not counted; an all-masked batch gives 0 and zero gradients, never NaN):
@@ -153,7 +156,8 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | 
     opts = PPOLossOptions(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
                           kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                           value_clip=value_clip, value_coef=value_coef, loss_agg=loss_agg,
-                          loss_agg_norm=loss_agg_norm, kl_clamp=kl_clamp)
+                          loss_agg_norm=loss_agg_norm, kl_clamp=kl_clamp,
+                          log_ratio_clamp=log_ratio_clamp)
     _validate.floating("logp", logp)
     shape = logp.shape
     named = dict(old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp,

@@ -57,6 +57,8 @@ class PPOLossOptions:
     loss_agg_norm: float | None = None  # seq-mean-token-sum-norm only; None: the row length
     kl_clamp: float | None = None       # each token's KL estimate clamped to [-kl_clamp, kl_clamp]
                                         # (gradient 0 where clamped; verl and OpenRLHF clamp k3 at 10)
+    log_ratio_clamp: float | None = None  # logp - old_logp clamped to [-c, c] before the ratio's exp
+                                          # (gradient 0 where clamped; verl clamps at 20)
 
     def __post_init__(self):
         def put(name, value):
@@ -64,7 +66,7 @@ class PPOLossOptions:
 
         for name in ("clip_eps", "kl_coef", "entropy_coef", "value_coef"):
             put(name, _number(name, getattr(self, name)))
-        for name in ("clip_eps_high", "dual_clip", "value_clip", "loss_agg_norm", "kl_clamp"):
+        for name in ("clip_eps_high", "dual_clip", "value_clip", "loss_agg_norm", "kl_clamp", "log_ratio_clamp"):
             put(name, _number(name, getattr(self, name), optional=True))
         if not self.clip_eps > 0:
             raise ValueError(f"clip_eps must be > 0, got {self.clip_eps}")
@@ -72,10 +74,14 @@ class PPOLossOptions:
             raise ValueError(f"clip_eps_high must be >= 0 or None, got {self.clip_eps_high}")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"dual_clip must be > 1 (it caps the loss at -A*dual_clip) or None, got {self.dual_clip}")
+        if not self.value_coef >= 0:  # a negative weight would train the critic away from the returns
+            raise ValueError(f"value_coef must be >= 0, got {self.value_coef}")
         if self.value_clip is not None and self.value_clip < 0:
             raise ValueError(f"value_clip must be >= 0 or None, got {self.value_clip}")
         if self.kl_clamp is not None and not self.kl_clamp > 0:
             raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
+        if self.log_ratio_clamp is not None and not self.log_ratio_clamp > 0:
+            raise ValueError(f"log_ratio_clamp must be > 0 or None, got {self.log_ratio_clamp}")
         if self.kl_estimator not in KL_CODES:
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; choose from {list(KL_ESTIMATORS)}")
         if self.loss_agg not in LOSS_AGG_CODES:

@@ -135,15 +135,21 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_agg: str = "token-mean"
 def ppo_loss(logp, old_logp, advantages, mask=None, *, clip_eps=0.2, clip_eps_high=None,
              dual_clip=None, ref_logp=None, kl_coef=0.0, kl_estimator="k3", entropy=None,
              entropy_coef=0.0, values=None, old_values=None, returns=None, value_clip=0.2,
-             value_coef=0.5, loss_agg="token-mean", loss_agg_norm=None, kl_clamp=None):
+             value_coef=0.5, loss_agg="token-mean", loss_agg_norm=None, kl_clamp=None,
+             log_ratio_clamp=None):
     """Clipped PPO objective (+ KL, entropy and clipped value terms), aggregated over mask by
     ``loss_agg`` (see aggregate_loss); the stats are token means whatever loss_agg is.
-    ``values`` without ``old_values``: the value loss is not clipped."""
+    ``values`` without ``old_values``: the value loss is not clipped. ``log_ratio_clamp``: the
+    log-ratio logp - old_logp is clamped to [-c, c] (gradient 0 outside) before its exp, and the
+    approx_kl stat reads the clamped log-ratio too."""
     if mask is None:
         mask = torch.ones_like(logp, dtype=torch.bool)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     old_logp, advantages = old_logp.detach(), advantages.detach()
-    ratio = torch.exp(logp - old_logp)
+    log_ratio = logp - old_logp
+    if log_ratio_clamp is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + high)
     pg = torch.where(unclipped >= clipped, unclipped, clipped)
@@ -175,7 +181,7 @@ def ppo_loss(logp, old_logp, advantages, mask=None, *, clip_eps=0.2, clip_eps_hi
             vf = torch.where(vf >= vf_clip, vf, vf_clip)
         vf = 0.5 * vf
         per_token = per_token + value_coef * vf
-    log_ratio = (logp - old_logp).detach()
+    log_ratio = log_ratio.detach()
     approx_kl = torch.exp(log_ratio) - 1 - log_ratio
 
     def mean(x):

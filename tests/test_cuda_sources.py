@@ -198,6 +198,9 @@ EMU_PPO_CASES = [
          loss_agg_norm=64.0, dual_clip=2.0),
     dict(ref=True, ent=True, val=True, old_val=True, kl_estimator="k3", kl_clamp=0.05),
     dict(ref=True, ent=False, val=False, old_val=False, kl_estimator="k1+", kl_clamp=0.1),
+    dict(ref=False, ent=False, val=False, old_val=False, kl_estimator="k1", log_ratio_clamp=0.1),
+    dict(ref=True, ent=True, val=True, old_val=True, kl_estimator="k3", dual_clip=3.0, log_ratio_clamp=0.05,
+         kl_clamp=0.05, loss_agg="seq-mean-token-mean"),
 ]
 
 

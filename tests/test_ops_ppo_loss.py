@@ -41,6 +41,12 @@ OPTIONS = {
     "kl_k3+": dict(ref=True, kl_coef=0.2, kl_estimator="k3+"),
     "kl_clamp": dict(ref=True, kl_coef=0.3, kl_estimator="k3", kl_clamp=0.1),
     "kl_clamp_st": dict(ref=True, kl_coef=0.2, kl_estimator="k1+", kl_clamp=0.3),  # both signs clamped
+    "log_ratio_clamp": dict(log_ratio_clamp=0.5),
+    "log_ratio_clamp_all": dict(log_ratio_clamp=0.4, clip_eps_high=0.28, dual_clip=2.0, ref=True, kl_coef=0.1,
+                                kl_estimator="k3", kl_clamp=0.2, ent=True, entropy_coef=0.01,
+                                loss_agg="seq-mean-token-mean"),
+    "verl_preset": dict(dual_clip=3.0, log_ratio_clamp=20.0, ref=True, kl_coef=0.001, kl_estimator="k3",
+                        kl_clamp=10.0),
     "seq_mean": dict(ref=True, kl_coef=0.1, kl_estimator="k2", loss_agg="seq-mean-token-mean"),
     "sum_norm": dict(ent=True, entropy_coef=0.01, loss_agg="seq-mean-token-sum-norm"),
     "sum_norm_const": dict(val=True, old_val=True, loss_agg="seq-mean-token-sum-norm", loss_agg_norm=64.0),
@@ -148,6 +154,32 @@ def test_kl_clamp_actually_clamps(backend, option):
     torch.testing.assert_close(g[outside], g0[outside], rtol=1e-6, atol=1e-8)
     assert not torch.allclose(g[~outside], g0[~outside])
     assert float(stats["kl"]) <= kw["kl_clamp"] + 1e-6
+
+
+@pytest.mark.parametrize("loss_agg", ("token-mean", "seq-mean-token-sum-norm"))
+def test_log_ratio_clamp_actually_clamps(backend, loss_agg):
+    """Guard for the grid: tokens past the clamp on both sides get no gradient (the clipped
+    surrogate alone), the others the unclamped gradient; a huge log-ratio stays finite."""
+    tensors, _ = _make((6, 40), {}, backend.device, seed=31)
+    c = 0.5
+    log_ratio = (tensors["logp"] - tensors["old_logp"]).double()
+    outside = log_ratio.abs() > c
+    assert (log_ratio > c).any() and (log_ratio < -c).any() and outside.float().mean() < 0.5
+    kw = dict(loss_agg=loss_agg, clip_eps=10.0)  # clip range wider than the clamp: only the clamp bites
+    _, stats, leaves = _run(tensors, None, {**kw, "log_ratio_clamp": c})
+    _, _, plain = _run(tensors, None, kw)
+    g, g0 = leaves["logp"].grad, plain["logp"].grad
+    assert torch.all(g[outside] == 0) and (g0[outside] != 0).sum() > 5
+    torch.testing.assert_close(g[~outside], g0[~outside], rtol=1e-6, atol=1e-9)
+    r = torch.exp(log_ratio.clamp(-c, c))
+    assert abs(float(stats["approx_kl"]) - float((r - 1 - log_ratio.clamp(-c, c)).mean())) < 1e-6
+    # verl's reason for the clamp: a stale old_logp 100 nats away no longer overflows exp
+    tensors["old_logp"][0, 0] = tensors["logp"][0, 0].float() - 100.0
+    tensors["advantages"][0, 0] = -1.0  # the unclipped branch -A r is taken: +inf without the clamp
+    loss, stats, leaves = _run(tensors, None, {**kw, "log_ratio_clamp": 20.0})
+    assert torch.isfinite(loss) and torch.isfinite(leaves["logp"].grad).all()
+    assert leaves["logp"].grad[0, 0] == 0
+    assert not torch.isfinite(_run(tensors, None, kw)[0])  # without it the ratio is inf
 
 
 def test_clipping_actually_happens(backend):

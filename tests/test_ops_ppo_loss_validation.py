@@ -53,8 +53,8 @@ ANY_NUMBER = st.one_of(
     st.integers(-3, 3),
     st.none(), st.booleans(), st.text(max_size=3), st.just(torch.tensor(0.2)))
 NUMERIC_OPTIONS = ("clip_eps", "clip_eps_high", "dual_clip", "kl_coef", "entropy_coef", "value_clip",
-                   "value_coef", "loss_agg_norm")
-OPTIONAL = {"clip_eps_high", "dual_clip", "value_clip", "loss_agg_norm"}
+                   "value_coef", "loss_agg_norm", "kl_clamp", "log_ratio_clamp")
+OPTIONAL = {"clip_eps_high", "dual_clip", "value_clip", "loss_agg_norm", "kl_clamp", "log_ratio_clamp"}
 
 
 def _option_is_valid(name, value, loss_agg):
@@ -64,7 +64,7 @@ def _option_is_valid(name, value, loss_agg):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return {"clip_eps": value > 0, "clip_eps_high": value >= 0, "dual_clip": value > 1,
-            "value_clip": value >= 0,
+            "value_clip": value >= 0, "value_coef": value >= 0, "kl_clamp": value > 0, "log_ratio_clamp": value > 0,
             "loss_agg_norm": value > 0 and loss_agg == "seq-mean-token-sum-norm"}.get(name, True)
 
 

@@ -24,7 +24,7 @@ extern "C" {
 // (python -m rlfuse.kernels.ppo_options --write; do not edit by hand)
 enum { RLFUSE_KL_K1 = 1, RLFUSE_KL_K2 = 2, RLFUSE_KL_K3 = 3, RLFUSE_KL_K1_PLUS = 4, RLFUSE_KL_K3_PLUS = 5 };  // kl_estimator
 enum { RLFUSE_AGG_TOKEN_MEAN = 0, RLFUSE_AGG_SEQ_MEAN_TOKEN_MEAN = 1, RLFUSE_AGG_SEQ_MEAN_TOKEN_SUM_NORM = 2 };  // loss_agg
-enum { RLFUSE_PPO_OPTION_SLOTS = 22 };  // len(PPOLossOptions().pack())
+enum { RLFUSE_PPO_OPTION_SLOTS = 24 };  // len(PPOLossOptions().pack())
 
 typedef struct rlfuse_ppo_options {
   float clip_eps;
@@ -43,6 +43,8 @@ typedef struct rlfuse_ppo_options {
   float loss_agg_norm;
   int has_kl_clamp;  // 0: None
   float kl_clamp;
+  int has_log_ratio_clamp;  // 0: None
+  float log_ratio_clamp;
 } rlfuse_ppo_options;
 
 // the list of PPOLossOptions.pack() (RLFUSE_PPO_OPTION_SLOTS doubles) as the struct
@@ -64,6 +66,8 @@ static inline rlfuse_ppo_options rlfuse_ppo_options_unpack(const double* v) {
   o.loss_agg_norm = (float)v[19];
   o.has_kl_clamp = v[20] != 0.0;
   o.kl_clamp = (float)v[21];
+  o.has_log_ratio_clamp = v[22] != 0.0;
+  o.log_ratio_clamp = (float)v[23];
   return o;
 }
 // END GENERATED

@@ -23,6 +23,8 @@
 //   policy: take the unclipped branch when unclipped >= clipped (its gradient -A r flows),
 //           else the clipped constant (no gradient); clipfrac counts clipped > unclipped.
 //   dual clip: where A < 0 and pg > -A c, pg = -A c with no gradient.
+//   log-ratio clamp: logp - old_logp clamped to [-lr_max, lr_max] before the exp, the ratio's
+//           gradient 0 where clamped; approx_kl reads the clamped log-ratio.
 //   value:  unclipped branch when (v-R)^2 >= (v_clip-R)^2, else the clipped one whose
 //           gradient flows only while |v - old_v| < value_clip.
 //   KL:     k1+/k3+ run the k1/k3 value code with the gradient of k2 (d), a template flag.
@@ -170,6 +172,7 @@ struct PpoArgs {
   float dual;              // dual-clip constant
   float kl_coef, ent_coef, vclip, v_coef;
   float kl_max;            // KL estimates clamped to [-kl_max, kl_max]; +inf: no clamp
+  float lr_max;            // log-ratios clamped to [-lr_max, lr_max] before the exp; +inf: no clamp
   float w_scale;           // 1 / max(count, 1) with the mask as weight, 1 with explicit weights
   bool stream;             // store the gradients non-temporally
 };
@@ -218,7 +221,10 @@ RLFUSE_INLINE void token(const PpoArgs& c, const float* __restrict logp, const f
   const float wi = w[i];
   const float ms = wi * c.w_scale;
   const float lp = logp[i];
-  const float log_ratio = lp - old_logp[i];
+  // log_ratio_clamp as selects (gradient 0 where clamped; NaN stays NaN), like kl_clamp below
+  const float raw_log_ratio = lp - old_logp[i];
+  const bool ratio_stops = (raw_log_ratio > c.lr_max) | (raw_log_ratio < -c.lr_max);
+  const float log_ratio = raw_log_ratio > c.lr_max ? c.lr_max : (raw_log_ratio < -c.lr_max ? -c.lr_max : raw_log_ratio);
   const float ratio = fast_exp(log_ratio);
   const float A = adv[i];
   const float unclipped = -A * ratio;
@@ -227,7 +233,7 @@ RLFUSE_INLINE void token(const PpoArgs& c, const float* __restrict logp, const f
   const float clipped = -A * rc;
   const bool take = unclipped >= clipped;
   float pg = take ? unclipped : clipped;
-  float g = take ? unclipped : 0.0f;
+  float g = take & !ratio_stops ? unclipped : 0.0f;
   if (DUAL) {
     const float cap = -A * c.dual;
     const bool capped = (A < 0.0f) & (pg > cap);
@@ -489,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_loss_
   a.dual = o.has_dual_clip ? o.dual_clip : 0.0f;
   a.kl_coef = o.kl_coef;
   a.kl_max = o.has_kl_clamp ? o.kl_clamp : std::numeric_limits<float>::infinity();
+  a.lr_max = o.has_log_ratio_clamp ? o.log_ratio_clamp : std::numeric_limits<float>::infinity();
   a.ent_coef = o.entropy_coef;
   a.vclip = clip_val ? o.value_clip : 0.0f;
   a.v_coef = o.value_coef;

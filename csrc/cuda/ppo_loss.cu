@@ -12,6 +12,8 @@
 // Token i weighs w_i·w_scale in the loss and its gradients: w = mask and w_scale = 1 / Σ mask
 // (token mean), or w = loss_weight and w_scale = 1 (the op's weights for the other loss
 // aggregations); the other stats are always token means. KL k1+/k3+: value of k1/k3, gradient d.
+// log_ratio_clamp: logp - old_logp clamped before the exp (gradient 0 where clamped; approx_kl
+// reads the clamped log-ratio).
 #include "common.cuh"
 
 namespace rlfuse {
@@ -100,7 +102,12 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
     const float logp = a.logp[i];
     const float adv = a.advantages[i];
     // policy term
-    const float log_ratio = logp - a.old_logp[i];
+    float log_ratio = logp - a.old_logp[i];
+    bool ratio_stops = false;  // log_ratio_clamp: the clamped ratio has gradient 0
+    if (o.has_log_ratio_clamp && (log_ratio > o.log_ratio_clamp || log_ratio < -o.log_ratio_clamp)) {
+      log_ratio = log_ratio > 0.0f ? o.log_ratio_clamp : -o.log_ratio_clamp;
+      ratio_stops = true;
+    }
     const float ratio_m1 = expm1f(log_ratio);
     const float ratio = ratio_m1 + 1.0f;
     const float clipped_ratio = fminf(fmaxf(ratio, lo), hi);
@@ -108,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) ppo_main_kernel(const rlfuse_ppo_arg
     const float clipped = -adv * clipped_ratio;
     const bool clip_active = clipped > unclipped;  // ties take the unclipped branch
     float pg = clip_active ? clipped : unclipped;
-    float dpg = clip_active ? 0.0f : -adv * ratio;
+    float dpg = clip_active || ratio_stops ? 0.0f : -adv * ratio;
     if (o.has_dual_clip && adv < 0.0f) {
       const float cap = -adv * o.dual_clip;
       if (cap < pg) {

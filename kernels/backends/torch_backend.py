@@ -104,6 +104,11 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
     w = mask * inv if loss_weight is None else loss_weight
     zero = torch.zeros_like(logp)
     log_ratio = logp - old_logp
+    ratio_stops = None  # where the log-ratio was clamped: d ratio / d logp = 0 (NaN stays NaN)
+    if opts.log_ratio_clamp is not None:
+        c = opts.log_ratio_clamp
+        ratio_stops = (log_ratio > c) | (log_ratio < -c)
+        log_ratio = log_ratio.clamp(-c, c)
     ratio = torch.exp(log_ratio)
     a = advantages
     unclipped = -a * ratio
@@ -111,6 +116,8 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
     take_unclipped = unclipped >= clipped
     pg = torch.where(take_unclipped, unclipped, clipped)
     d_pg = torch.where(take_unclipped, unclipped, zero)  # d(-A r)/d logp = -A r
+    if ratio_stops is not None:
+        d_pg = torch.where(ratio_stops, zero, d_pg)
     if opts.dual_clip is not None:
         capped = (a < 0) & (pg > -a * opts.dual_clip)
         pg = torch.where(capped, -a * opts.dual_clip, pg)

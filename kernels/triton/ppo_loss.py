@@ -17,7 +17,8 @@ Per token (A = advantage, r = exp(logp - old_logp)):
     term is taken (ties go to it) else 0; dual clip: pg = -A*dual where A < 0 and pg above
     it (gradient 0 there); KL k1 = d, k2 = d^2/2, k3 = e^-d + d - 1 (d = logp - ref_logp),
     k1+/k3+ the value of k1/k3 with the gradient d of k2;
-    value 0.5 * max((v-R)^2, (v_clip-R)^2), v_clip = old_v + clip(v - old_v, +-value_clip).
+    value 0.5 * max((v-R)^2, (v_clip-R)^2), v_clip = old_v + clip(v - old_v, +-value_clip);
+    log_ratio_clamp: logp - old_logp clamped before the exp, the ratio's gradient 0 there.
 
 Token weights: token i weighs w[i] * w_scale in the loss and in its gradients, with w = the mask
 and w_scale = 1/count (token mean) or w = the op's per-token loss weight and w_scale = 1 (the
@@ -58,8 +59,9 @@ def _ppo_loss_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, val_ptr, old_val_ptr, ret_ptr, w_ptr,
     count_ptr, g_logp_ptr, g_ent_ptr, g_val_ptr, partial_ptr,
     N, N_BUCKET, clip_lo, clip_hi, dual_clip, kl_coef, ent_coef, value_clip, value_coef, kl_max,
+    lr_max,
     CHUNK_N: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, KL_ST: tl.constexpr,
-    KL_CLAMP: tl.constexpr,
+    KL_CLAMP: tl.constexpr, LR_CLAMP: tl.constexpr,
     WEIGHTED: tl.constexpr, HAS_ENT: tl.constexpr,
     HAS_VAL: tl.constexpr, VALUE_CLIP: tl.constexpr, DUAL_CLIP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -91,12 +93,17 @@ def _ppo_loss_kernel(
         a = tl.load(adv_ptr + idx, mask=inb, other=0.0)
 
         log_ratio = logp - old
+        if LR_CLAMP:  # clamped log-ratio, the ratio's gradient 0 where clamped
+            ratio_stops = (log_ratio > lr_max) | (log_ratio < -lr_max)
+            log_ratio = tl.minimum(tl.maximum(log_ratio, -lr_max), lr_max)
         ratio = tl.exp(log_ratio)
         unclipped = -a * ratio
         clipped = -a * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
         take_unclipped = unclipped >= clipped
         pg = tl.where(take_unclipped, unclipped, clipped)
         g = tl.where(take_unclipped, unclipped, 0.0)
+        if LR_CLAMP:
+            g = tl.where(ratio_stops, 0.0, g)
         if DUAL_CLIP:
             cap = -a * dual_clip
             capped = (a < 0.0) & (pg > cap)
@@ -231,7 +238,9 @@ def ppo_loss_forward(logp, old_logp, advantages, mask, ref_logp, entropy, values
         opts.dual_clip if opts.dual_clip is not None else 0.0, opts.kl_coef, opts.entropy_coef,
         opts.value_clip if value_clipped else 0.0, opts.value_coef,
         opts.kl_clamp if opts.kl_clamp is not None else 0.0,
+        opts.log_ratio_clamp if opts.log_ratio_clamp is not None else 0.0,
         CHUNK_N=CHUNK, HAS_REF=has_ref, KL_CLAMP=opts.kl_clamp is not None,
+        LR_CLAMP=opts.log_ratio_clamp is not None,
         KL_EST=KL_CODES[_KL_VALUE.get(opts.kl_estimator, opts.kl_estimator)],
         KL_ST=opts.kl_estimator in _KL_VALUE, WEIGHTED=weighted, HAS_ENT=has_ent,
         HAS_VAL=has_val, VALUE_CLIP=value_clipped, DUAL_CLIP=opts.dual_clip is not None,
