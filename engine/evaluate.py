@@ -305,14 +305,19 @@ def _reference_for(checkpoints: list[str], explicit: str | None) -> str:
 
 def evaluate_checkpoints(checkpoints: list[str], prompts_path, *, reward_fn=None, reward_checkpoint=None,
                          reference: str | None = None, sampling: Sampling = Sampling(), success: float = 1.0,
-                         device: str = "auto", overrides=None, progress: bool = True) -> dict:
+                         device: str = "auto", overrides=None, labels: list[str] | None = None,
+                         progress: bool = True) -> dict:
     """Every checkpoint's answers to the prompts of ``prompts_path``, scored and compared pairwise.
-    Returns {"checkpoints", "pairs", "answers", "settings"}."""
+    Returns {"checkpoints", "pairs", "answers", "settings"}, keyed by ``labels`` (default: the
+    checkpoints as named)."""
     from .data import load_prompts
 
     sampling.check()
     if len(checkpoints) < 1:
         raise ValueError("--checkpoints: name at least one checkpoint (or 'base')")
+    labels = list(labels or checkpoints)
+    if len(labels) != len(checkpoints):
+        raise ValueError(f"evaluate_checkpoints: {len(labels)} labels for {len(checkpoints)} checkpoints")
     if len(set(checkpoints)) != len(checkpoints):
         raise ValueError(f"--checkpoints: a checkpoint is named twice ({checkpoints})")
     if reward_fn is None and reward_checkpoint is None:
@@ -338,16 +343,17 @@ def evaluate_checkpoints(checkpoints: list[str], prompts_path, *, reward_fn=None
         raise ValueError(f"{prompts_path}: no prompts")
     ev = Evaluator(cfg.model, device=device, reference=reference, reward_checkpoint=reward_checkpoint)
     answers, loaded = {}, {}
-    for c in checkpoints:
-        loaded[c], answers[c] = ev.answer(c, prompts, sampling, reward_fn=reward_fn, success=success,
-                                          progress=progress)
-    result = report(checkpoints, answers, seed=sampling.seed)
+    for c, name in zip(checkpoints, labels):
+        loaded[name], answers[name] = ev.answer(c, prompts, sampling, reward_fn=reward_fn, success=success,
+                                                progress=progress)
+    result = report(labels, answers, seed=sampling.seed)
     result["settings"] = {"prompts": str(prompts_path), "n_prompts": len(prompts), "loaded": loaded,
                           "reference": ev.reference, "reward_checkpoint": ev.reward_checkpoint,
                           "reward_fn": getattr(reward_fn, "__name__", None), "success_threshold": success,
                           "decoding": "greedy" if sampling.greedy else f"sampled at T={sampling.temperature}",
                           **{k: getattr(sampling, k) for k in ("max_new_tokens", "n_samples", "seed")}}
     result["answers"] = answers
+    del ev  # the model: the caller's next stage may load its own
     return result
 
 

@@ -103,7 +103,7 @@ def test_annotator_orders_by_correctness_then_format_then_length():
 # --------------------------------------------------------------------------- annotator and statistics
 
 def test_annotator_writes_k_way_rankings_by_correctness():
-    from rlfuse.engine.demo import annotator_ranking
+    from rlfuse.engine.demo.task import annotator_ranking
 
     both, one, none_right = "4-2 = 2 and 3-1 = 2.", "4-2 = 2 and 3-1 = 5.", "4-2 = 7 and 3-1 = 5."
     other_one = "4-2 = 9 and 3-1 = 2."
@@ -117,7 +117,7 @@ def test_annotator_writes_k_way_rankings_by_correctness():
 
 
 def test_paired_comparison():
-    from rlfuse.engine.demo import compare
+    from rlfuse.engine.evaluate import compare
 
     rows = lambda xs: [{"prompt": str(i), "correct": bool(x), "reward": float(x)} for i, x in enumerate(xs)]
     same = compare(rows([1, 0] * 20), rows([1, 0] * 20))
