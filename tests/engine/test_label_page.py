@@ -163,6 +163,24 @@ def test_markdown_is_rendered_safely_code_scrolls_and_raw_text_is_a_key_away(ser
     assert cards.locator("strong", has_text="iterator").count() == 1
 
 
+def test_markdown_blocks_and_a_second_tab(serve, open_page, browser):
+    text = "# Plan\n\n> quoted *advice*\n\n- step one\n  - a detail\n- step two\n\n2. second\n3. third\n\n---\nend"
+    server = serve([{"id": "md", "prompt": "p", "responses": [text, "plain"]}, THREE[0]])
+    page = open_page(server)
+    card = page.locator(".card", has_text="Plan")
+    assert card.locator("[role=heading]").text_content() == "Plan"
+    assert card.locator("blockquote em").text_content() == "advice"
+    assert card.locator("ul ul li").text_content() == "a detail" and card.locator("ul > li").count() == 3
+    assert card.locator("ol").get_attribute("start") == "2" and card.locator("hr").count() == 1
+    other = open_page(server)  # the same annotator in a second tab labels the item first
+    for p in (other, page):
+        p.keyboard.press("1")
+        p.keyboard.press("2")
+        p.keyboard.press("Enter")
+    page.locator("#prompt", has_text="question 0").wait_for()  # refused as a duplicate, then moved on
+    assert "already labelled" in page.locator("#message").text_content()
+
+
 def test_cards_are_laid_out_for_k(serve, open_page):
     server = serve([{"id": "k4", "prompt": "p", "responses": ["a", "b", "c", "d"]}])
     page = open_page(server, width=960)
