@@ -132,8 +132,11 @@ def test_verl_logprobs_from_logits_semantics():
     assert out.shape == labels.shape and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _ref_logp(logits, labels), rtol=1e-5, atol=1e-5)
     bf = verl.logprobs_from_logits(logits.bfloat16(), labels)
-    assert bf.dtype == torch.bfloat16  # verl returns the logits' dtype for fp16/bf16
-    torch.testing.assert_close(bf.double(), _ref_logp(logits.bfloat16(), labels), rtol=1e-2, atol=1e-2)
+    assert bf.dtype == torch.float32  # verl's flash-attn path returns float32 for bf16 logits
+    torch.testing.assert_close(bf.double(), _ref_logp(logits.bfloat16(), labels), rtol=1e-5, atol=1e-5)
+    rounded = verl.logprobs_from_logits(logits.bfloat16(), labels, out_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16  # verl's torch fallback, on request
+    assert torch.equal(rounded, bf.bfloat16())
     ent = verl.entropy_from_logits(logits)
     torch.testing.assert_close(ent.double(), _ref_entropy(logits), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[0, 31\)"):
@@ -408,7 +411,7 @@ def test_shim_apply_matches_trl_function_with_bias_scale_and_ignored_targets(trl
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_shim_falls_back_to_trl_for_softcap_and_extra_outputs(trl_utils, monkeypatch):
+def test_shim_falls_back_to_trl_for_extra_outputs_and_says_so_once(trl_utils, monkeypatch, caplog):
     from trl.kernels import ChunkedLogProbFunction
 
     torch.manual_seed(11)
@@ -416,14 +419,83 @@ def test_shim_falls_back_to_trl_for_softcap_and_extra_outputs(trl_utils, monkeyp
     targets = torch.randint(0, 30, (9,))
     spy = _Spy(monkeypatch)
     before = rtrl.patch_stats()["fallback"]
-    for args in [(None, 1.0, ("log_probs", "entropy", "is_top1")), (30.0, 1.0, ("log_probs",))]:
-        ours = rtrl.RlfuseChunkedLogProb.apply(hidden, weight, None, targets, 1.0, 16, *args)
-        theirs = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 16, *args)
-        for a, b in zip(ours, theirs):
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(a, b)
-    assert spy.calls == 0 and rtrl.patch_stats()["fallback"] == before + 2
+    monkeypatch.setattr(rtrl, "_told", set())
+    cases = [(None, 1.0, ("log_probs", "entropy", "is_top1")), (None, 1.0, ("log_probs", "is_top1")),
+             (30.0, 1.0, ("log_probs", "mean_logits")), (None, 0.0, ("log_probs",))]
+    with caplog.at_level("WARNING", logger="rlfuse.integrations.trl"):
+        for args in cases:
+            ours = rtrl.RlfuseChunkedLogProb.apply(hidden, weight, None, targets, 1.0, 16, *args)
+            theirs = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 16, *args)
+            for a, b in zip(ours, theirs):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b)
+    assert spy.calls == 0 and rtrl.patch_stats()["fallback"] == before + len(cases)
+    lines = [r.getMessage() for r in caplog.records if r.name == "rlfuse.integrations.trl"]
+    assert len(lines) == 3, lines  # one line per reason, the repeated is_top1 reason once
+    assert "is_top1" in lines[0] and "soft-capped" in lines[1] and "logit_scale 0.0" in lines[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy", "mean_logits")], ids=len)
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (None, 0.5), (5.0, 1.7)], ids=str)
+def test_shim_serves_softcap_scale_and_mean_logits(trl_utils, monkeypatch, dtype, outputs, softcap, scale):
+    """TRL's other output sets (KTO's mean_logits) and soft-capped heads (Gemma) run on rlfuse,
+    equal to TRL's kernel: values and gradients."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    if softcap is not None and "mean_logits" in outputs:
+        pytest.skip("mean logits of soft-capped logits fall back (tested above)")
+    torch.manual_seed(12)
+    n, h, v = 37, 16, 301
+    hidden = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, h) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(v, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    targets[[2, 30]] = -100
+    valid = targets >= 0
+    spy = _Spy(monkeypatch)
+
+    def run(fn):
+        for p in (hidden, weight, bias):
+            p.grad = None
+        out = fn.apply(hidden, weight, bias, targets if fn is rtrl.RlfuseChunkedLogProb else targets.clamp(min=0),
+                       0.8, 64, softcap, scale, outputs)
+        lp, ent, _, mean_logits, _ = out
+        loss = lp[valid].sum() + (ent[valid].sum() if ent is not None else 0)
+        loss.backward()
+        return out, [p.grad.float().clone() for p in (hidden, weight, bias)]
+
+    ours, g_ours = run(rtrl.RlfuseChunkedLogProb)
+    theirs, g_theirs = run(ChunkedLogProbFunction)
+    assert spy.calls == 1
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype == torch.float32
+            torch.testing.assert_close(a[valid], b[valid], **tol)
+    if "mean_logits" in outputs:
+        assert not ours[3].requires_grad and torch.all(ours[3][~valid] == 0)
+        # against float64 the closed form is at least as close as TRL's tiled sum
+        z = (hidden.detach().double() @ weight.detach().double().t() + bias.detach().double()) * scale / 0.8
+        truth = z.mean(-1)
+        assert (ours[3][valid].double() - truth[valid]).abs().max() <= (
+            (theirs[3][valid].double() - truth[valid]).abs().max() + 1e-6)
+    if dtype == torch.float32:
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, **tol)
+        return
+    # bf16: both round differently; ours must be no further from the float64 gradient than TRL's
+    from rlfuse.kernels import reference
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    lp, ent = reference.linear_logprobs(leaves[0], leaves[1], targets.clamp(min=0), bias=leaves[2], temperature=0.8,
+                                        return_entropy=True, softcap=softcap, logit_scale=scale)
+    (lp[valid].sum() + (ent[valid].sum() if "entropy" in outputs else 0)).backward()
+    for name, a, b, leaf in zip(("hidden", "weight", "bias"), g_ours, g_theirs, leaves):
+        e_ours, e_trl = (a.double() - leaf.grad).abs(), (b.double() - leaf.grad).abs()
+        assert e_ours.mean() <= 1.25 * e_trl.mean() + 1e-7, (name, float(e_ours.mean()), float(e_trl.mean()))
+        assert e_ours.max() <= 2.0 * e_trl.max() + 1e-6, (name, float(e_ours.max()), float(e_trl.max()))
 
 
 def test_patch_reaches_modules_imported_later_and_restores_them(trl_utils):

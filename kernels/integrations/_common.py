@@ -1,4 +1,5 @@
-"""Helpers shared by the drop-ins: argument checks and the float64 escape hatch.
+"""Helpers shared by the drop-ins: argument checks, the float64 escape hatch and the output
+dtype policy (docs/integrations.md, "Output dtypes").
 
 rlfuse's kernels always produce float32 log-probs. A float64 caller (tests, numerics
 studies) asked for more precision than that, so float64 logits take an exact float64 path
@@ -23,3 +24,16 @@ def exact_logp_entropy(logits: Tensor, index: Tensor, temperature: float, with_e
     logp = logprobs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None
     return logp, entropy
+
+
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
+
+
+def as_out_dtype(t: Tensor, peer_default: torch.dtype, out_dtype: torch.dtype | None) -> Tensor:
+    """``t`` (computed in float32, or float64 for float64 logits) in the dtype the drop-in returns:
+    ``out_dtype`` when given, else what the replaced function returns on the peer's default path
+    (``peer_default``); float64 results stay float64 unless ``out_dtype`` says otherwise."""
+    want = out_dtype if out_dtype is not None else (t.dtype if t.dtype == torch.float64 else peer_default)
+    return t if t.dtype == want else t.to(want)

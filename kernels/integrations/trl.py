@@ -19,10 +19,10 @@ object under that name:
 
 * ``_ChunkedLogProbFunction`` (``trl.trainer.utils``): what ``add_fused_lm_head``'s
   ``model(..., labels=..., fused_lm_head=True)`` calls to turn hidden states into
-  ``log_probs`` / ``entropy``. Replaced by :class:`RlfuseChunkedLogProb`, which runs
-  :func:`rlfuse.kernels.linear_logprobs` and falls back to TRL's own function for the
-  features rlfuse does not have (final-logit softcapping, the ``log_sum_sq_probs`` /
-  ``mean_logits`` / ``is_top1`` outputs, DeepSpeed ZeRO-3 partitioned heads).
+  ``log_probs`` / ``entropy`` / ``mean_logits``. Replaced by :class:`RlfuseChunkedLogProb`,
+  which runs :func:`rlfuse.kernels.linear_logprobs` (soft-capping and logit scales included)
+  and falls back to TRL's own function, saying so once in the log, for what rlfuse does not
+  compute (the ``log_sum_sq_probs`` / ``is_top1`` outputs, DeepSpeed ZeRO-3 partitioned heads).
 * ``selective_log_softmax``, ``entropy_from_logits``, ``selective_log_softmax_and_entropy``.
 
 Only the ``trl`` package's modules are touched; a module imported after ``patch()`` gets
@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import logging
+import math
 import sys
 import threading
 from collections import Counter
@@ -43,7 +45,7 @@ from torch import Tensor
 
 import rlfuse.kernels as _K
 
-from ._common import check_temperature, exact_logp_entropy
+from ._common import as_out_dtype, check_out_dtype, check_temperature, exact_logp_entropy
 
 __all__ = [
     "RlfuseChunkedLogProb",
@@ -95,40 +97,50 @@ def _logp_entropy(logits: Tensor, index: Tensor, temperature: float, row_mask: T
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor, temperature: float = 1.0,
-                          row_mask: Tensor | None = None) -> Tensor:
+                          row_mask: Tensor | None = None, *, out_dtype: torch.dtype | None = None) -> Tensor:
     """TRL's ``selective_log_softmax`` on rlfuse: ``log_softmax(logits / T)`` gathered at ``index``.
 
     Same signature and shapes as ``trl.trainer.utils.selective_log_softmax``: ``index`` is
     ``logits.shape[:-1]`` (one label per row) or ``(..., K)`` (K labels per row); rows where
-    ``row_mask`` (shape of ``index``) is 0 return 0. Output dtype: float32 for fp32/bf16/fp16
-    logits (as TRL's Triton kernel returns on GPU; TRL's CPU path returns the logits dtype),
-    float64 for float64 logits (computed exactly in float64). Gradients flow to ``logits``.
+    ``row_mask`` (shape of ``index``) is 0 return 0. Output dtype, as TRL on a GPU: float32 for
+    one label per row (what TRL's Triton kernel returns), the logits' dtype for K labels per row
+    (TRL's torch path, the only one it has for them); ``out_dtype`` overrides either
+    (``logits.dtype`` is what TRL's CPU path returns; float32 is the more accurate). float64
+    logits are computed exactly in float64. Gradients flow to ``logits``.
     """
+    check_out_dtype(out_dtype)
     logp, _ = _logp_entropy(logits, index, temperature, row_mask, with_entropy=False)
-    return logp
+    one_label = index.dim() == logits.dim() - 1
+    return as_out_dtype(logp, torch.float32 if one_label else logits.dtype, out_dtype)
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128, *, out_dtype: torch.dtype | None = None) -> Tensor:
     """TRL's ``entropy_from_logits`` on rlfuse: entropy (nats) of ``softmax(logits)`` per row.
 
     ``chunk_size`` is accepted for signature compatibility and ignored: rlfuse's kernel never
     holds a float32 copy of the logits, whatever the row count. Output shape
-    ``logits.shape[:-1]``; float32 (float64 for float64 logits). Differentiable.
+    ``logits.shape[:-1]``; float32 as TRL's kernel path returns (``out_dtype`` overrides;
+    float64 for float64 logits). Differentiable.
     """
     del chunk_size
+    check_out_dtype(out_dtype)
     index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
     _, entropy = _logp_entropy(logits, index, 1.0, None, with_entropy=True)
-    return entropy
+    return as_out_dtype(entropy, torch.float32, out_dtype)
 
 
 def selective_log_softmax_and_entropy(logits: Tensor, index: Tensor, entropy_requires_grad: bool = True,
-                                      temperature: float = 1.0, row_mask: Tensor | None = None):
+                                      temperature: float = 1.0, row_mask: Tensor | None = None, *,
+                                      out_dtype: torch.dtype | None = None):
     """TRL's ``selective_log_softmax_and_entropy``: both outputs from ONE pass over the logits.
 
     Entropy is of ``softmax(logits / temperature)``; rows with ``row_mask == 0`` give 0 for
-    both; ``entropy_requires_grad=False`` returns a detached entropy.
+    both; ``entropy_requires_grad=False`` returns a detached entropy. Both float32, as TRL's
+    kernel path returns (``out_dtype`` overrides; float64 for float64 logits).
     """
+    check_out_dtype(out_dtype)
     logp, entropy = _logp_entropy(logits, index, temperature, row_mask, with_entropy=True)
+    logp, entropy = (as_out_dtype(t, torch.float32, out_dtype) for t in (logp, entropy))
     return logp, (entropy if entropy_requires_grad else entropy.detach())
 
 
@@ -137,8 +149,48 @@ def selective_log_softmax_and_entropy(logits: Tensor, index: Tensor, entropy_req
 # --------------------------------------------------------------------------------------
 
 _OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_RLFUSE_OUTPUTS = {"log_probs", "entropy"}
+_RLFUSE_OUTPUTS = {"log_probs", "entropy", "mean_logits"}  # mean_logits: without softcap only
 _stats: Counter = Counter()
+_logger = logging.getLogger(__name__)
+_told: set[str] = set()  # fallback reasons already logged (one line each per process)
+
+
+def _fallback_reason(weight: Tensor, final_logit_softcapping, logit_scale, outputs) -> str | None:
+    """Why a fused-head call cannot run on rlfuse exactly, or None when it can."""
+    extra = [o for o in outputs if o in _OPTIONAL_OUTPUTS and o not in _RLFUSE_OUTPUTS]
+    if extra:
+        return (f"outputs {tuple(extra)} need the logits' maximum / sum of squared probabilities, "
+                "which rlfuse's fused head does not compute (it returns log-probs, entropy and mean logits)")
+    if final_logit_softcapping is not None and "mean_logits" in outputs:
+        return "mean_logits of soft-capped logits needs a pass over the vocabulary, which rlfuse does not make"
+    scale = float(logit_scale)
+    if not (math.isfinite(scale) and scale != 0.0):
+        return f"logit_scale {scale} (rlfuse takes a finite nonzero scale)"
+    if hasattr(weight, "ds_id"):
+        return "a DeepSpeed ZeRO-3 partitioned LM head (TRL re-gathers it in backward)"
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return f"an LM-head weight of type {type(weight).__name__} (DTensor & co.)"
+    return None
+
+
+def _tell_once(reason: str) -> None:
+    if reason not in _told:
+        _told.add(reason)
+        _logger.warning("rlfuse.integrations.trl: TRL's fused LM head falls back to TRL's own kernel: %s; "
+                        "such calls run on TRL from now on (patch_stats()['fallback'] counts them)", reason)
+
+
+def _mean_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """mean_v(scale * (h . w_v + b_v)) = scale * (h . mean_v(w_v) + mean_v(b_v)): exact, no
+    [N, V] logits, the mean row of ``weight`` summed in float32 a block of rows at a time."""
+    v = weight.shape[0]
+    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    for s in range(0, v, 8192):
+        total += weight[s:s + 8192].detach().float().sum(0)
+    out = hidden.detach().float() @ (total / v)
+    if bias is not None:
+        out = out + bias.detach().float().mean()
+    return out * scale
 
 
 class RlfuseChunkedLogProb:
@@ -148,8 +200,10 @@ class RlfuseChunkedLogProb:
     log_sum_sq_probs, mean_logits, is_top1`` with ``None`` for what was not requested) and
     runs :func:`rlfuse.kernels.linear_logprobs`:
 
-    * ``temperature`` and ``logit_scale`` are folded into one temperature ``T / logit_scale``
-      (``softmax(scale * y / T)`` is exactly that);
+    * ``logit_scale``, ``final_logit_softcapping`` and ``temperature`` are applied in TRL's
+      order (scale, soft-cap, divide by T);
+    * ``mean_logits`` (KTO's, DPO's metrics) is exact without a vocabulary pass when there is
+      no soft-cap: ``scale / T * (h . mean(W) + mean(b))``, not differentiable (as TRL's);
     * targets outside ``[0, V)`` (TRL's ``-100`` ignore label) are scored as token 0 and
       their outputs set to 0, as TRL's head does;
     * the LM-head matmul runs in the autocast dtype when autocast is on, else in the hidden
@@ -157,7 +211,9 @@ class RlfuseChunkedLogProb:
     * TRL's ``chunk_size`` (its vocabulary tile width) is not used: rlfuse tiles over tokens
       and keeps O(chunk · V) extra memory.
 
-    Anything rlfuse cannot reproduce exactly is handed to TRL's own function unchanged.
+    What rlfuse cannot reproduce exactly (``is_top1``, ``log_sum_sq_probs``, mean logits of
+    soft-capped logits, ZeRO-3 or DTensor heads) is handed to TRL's own function unchanged,
+    with one log line per reason, once.
     """
 
     _rlfuse_shim = True
@@ -166,12 +222,10 @@ class RlfuseChunkedLogProb:
     def apply(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
               temperature: float, chunk_size: int, final_logit_softcapping: float | None = None,
               logit_scale: float = 1.0, outputs: tuple[str, ...] = _OPTIONAL_OUTPUTS):
-        extra = [o for o in outputs if o in _OPTIONAL_OUTPUTS and o not in _RLFUSE_OUTPUTS]
-        unsupported = (final_logit_softcapping is not None or extra or not float(logit_scale) > 0
-                       or hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3: TRL re-gathers in backward
-                       or type(weight) not in (torch.Tensor, torch.nn.Parameter))  # DTensor & co.
-        if unsupported:
+        reason = _fallback_reason(weight, final_logit_softcapping, logit_scale, outputs)
+        if reason is not None:
             _stats["fallback"] += 1
+            _tell_once(reason)
             return _trl_chunked().apply(hidden, weight, bias, targets, temperature, chunk_size,
                                         final_logit_softcapping, logit_scale, outputs)
         _stats["rlfuse"] += 1
@@ -186,15 +240,19 @@ class RlfuseChunkedLogProb:
             all_valid = bool(valid.all()) if targets.numel() else True
             labels = targets if all_valid else targets.masked_fill(~valid, 0)
             want_entropy = "entropy" in outputs
-            out = _K.linear_logprobs(h, w, labels, bias=b,
-                                     temperature=float(temperature) / float(logit_scale),
+            out = _K.linear_logprobs(h, w, labels, bias=b, temperature=float(temperature),
+                                     softcap=final_logit_softcapping, logit_scale=float(logit_scale),
                                      return_entropy=want_entropy)
+            mean_logits = (_mean_logits(h, w, b, float(logit_scale) / float(temperature))
+                           if "mean_logits" in outputs else None)
         logp, entropy = out if want_entropy else (out, None)
         if not all_valid:
             logp = torch.where(valid, logp, logp.new_zeros(()))
             if entropy is not None:
                 entropy = torch.where(valid, entropy, entropy.new_zeros(()))
-        return logp, entropy, None, None, None
+            if mean_logits is not None:
+                mean_logits = torch.where(valid, mean_logits, mean_logits.new_zeros(()))
+        return logp, entropy, None, mean_logits, None
 
 
 # --------------------------------------------------------------------------------------

@@ -15,37 +15,43 @@ from torch import Tensor
 
 import rlfuse.kernels as _K
 
-from ._common import exact_logp_entropy
+from ._common import as_out_dtype, check_out_dtype, exact_logp_entropy
 
 __all__ = ["compute_gae_advantage_return", "entropy_from_logits", "logprobs_from_logits"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
+def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True, *,
+                         out_dtype: torch.dtype | None = None) -> Tensor:
     """verl's ``logprobs_from_logits``: ``log_softmax(logits)`` at ``labels``, shape ``logits.shape[:-1]``.
 
-    ``labels`` must lie in ``[0, V)``. Computed in float32 by rlfuse and returned in the
-    logits' dtype for fp16/bf16 (as verl does), float32 for fp32, and exactly in float64 for
-    float64. ``inplace_backward`` is accepted for compatibility and has no effect: rlfuse's
-    backward never writes into ``logits`` (so it is always safe to reuse them).
+    ``labels`` must lie in ``[0, V)``. Computed in float32 by rlfuse and returned in float32
+    whatever the logits' dtype, as verl's default GPU path (flash-attn's cross-entropy kernel)
+    returns; ``out_dtype=logits.dtype`` gives what verl's torch fallback (no flash-attn) returns
+    for fp16/bf16 logits (rounded: less accurate, see docs/integrations.md). float64 logits are
+    computed exactly in float64. ``inplace_backward`` is accepted for compatibility and has no
+    effect: rlfuse's backward never writes into ``logits`` (so it is always safe to reuse them).
     """
     del inplace_backward
+    check_out_dtype(out_dtype)
     if logits.dtype == torch.float64:
-        return exact_logp_entropy(logits, labels.long(), 1.0, False)[0]
-    logp = _K.logprobs_from_logits(logits, labels)
-    return logp.to(logits.dtype) if logits.dtype in _LOW_PRECISION else logp
+        logp = exact_logp_entropy(logits, labels.long(), 1.0, False)[0]
+    else:
+        logp = _K.logprobs_from_logits(logits, labels)
+    return as_out_dtype(logp, torch.float32, out_dtype)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """verl's ``entropy_from_logits``: entropy of ``softmax(logits)`` per row, in the logits' dtype
-    for fp16/bf16 (computed in float32), float32 otherwise (float64 for float64)."""
-    if logits.dtype == torch.float64:
-        zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-        return exact_logp_entropy(logits, zeros, 1.0, True)[1]
+def entropy_from_logits(logits: Tensor, *, out_dtype: torch.dtype | None = None) -> Tensor:
+    """verl's ``entropy_from_logits``: entropy of ``softmax(logits)`` per row, computed in float32
+    and returned in the logits' dtype, as verl's (plain torch, in the logits' dtype, on every
+    path) returns; ``out_dtype=torch.float32`` keeps the float32 result (more accurate). float64
+    logits are computed exactly in float64."""
+    check_out_dtype(out_dtype)
     zeros = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    _, entropy = _K.logprobs_from_logits(logits, zeros, return_entropy=True)
-    return entropy.to(logits.dtype) if logits.dtype in _LOW_PRECISION else entropy
+    if logits.dtype == torch.float64:
+        entropy = exact_logp_entropy(logits, zeros, 1.0, True)[1]
+    else:
+        _, entropy = _K.logprobs_from_logits(logits, zeros, return_entropy=True)
+    return as_out_dtype(entropy, logits.dtype, out_dtype)
 
 
 def compute_gae_advantage_return(token_level_rewards: Tensor, values: Tensor, response_mask: Tensor,
