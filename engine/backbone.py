@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 import re
 import tempfile
@@ -108,6 +109,11 @@ class Backbone:
         self.value_head = ScalarHead(hidden_size).to(self.device)
         self.reward_head = ScalarHead(hidden_size).to(self.device)
         self.reference_adapter: str | None = None  # None: the bare base model
+        self.dtype = self.lm_head.weight.dtype  # the frozen base's dtype; load_backbone says why
+        self.dtype_reason = ""
+        # prefix_share's choice for every batch (None: per batch). PPO fixes it per run, so a row
+        # scores alike whatever rows share its batch (batch invariance, issue 22)
+        self.share_prompts: bool | None = None
         self._trainable: set[str] = set()
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter name -> its LoRA parameters
 
@@ -119,7 +125,7 @@ class Backbone:
 
     def add_adapter(self, name: str) -> None:
         if name not in self.model.peft_config:
-            self.model.add_adapter(name, self.lora_config)
+            self.model.add_adapter(name, self.lora_config, autocast_adapter_dtype=True)  # fp32 LoRA weights
             self._apply_trainable()
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
@@ -218,7 +224,7 @@ class Backbone:
         once (``prefix_share.py``): hidden_states(ids, attn)[:, P-1:-1] with the same math."""
         from .prefix_share import completion_hidden_states
 
-        return completion_hidden_states(self.decoder, input_ids, attention_mask, prompt_len)
+        return completion_hidden_states(self.decoder, input_ids, attention_mask, prompt_len, self.share_prompts)
 
     def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                        entropy: bool = False):
@@ -260,11 +266,54 @@ class Backbone:
 
 # --------------------------------------------------------------------------- loading
 
-def _resolve_dtype(name: str, device: str) -> torch.dtype:
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 dot products: AVX512-BF16 (AMD Zen 4/5,
+# Intel Cooper Lake and later) and AMX-BF16 (Intel Sapphire Rapids and later). Without them a bf16
+# matmul has no instruction of its own (its products go through fp32 FMAs): float32 is kept there.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_bf16_flags() -> list[str]:
+    """This CPU's flags of native bf16 dot products (``CPU_BF16_FLAGS``); empty: none."""
+    flags = cpu_flags()
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def resolve_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
+    """(dtype, why) for ``model.dtype`` on ``device``: ``auto`` is bf16 on a GPU that has it (fp16
+    on older ones) and on a CPU with native bf16 dot products, float32 on other CPUs."""
     if name == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: bf16 on a CUDA device that supports it"
+            return torch.float16, "auto: this CUDA device has no bf16, fp16 instead"
+        forced = os.environ.get("RLFUSE_CPU_BF16", "").strip()
+        if forced in ("0", "1"):  # the test suite sets 0: its results must not depend on the CPU
+            return ((torch.bfloat16, "auto: bf16, RLFUSE_CPU_BF16=1") if forced == "1"
+                    else (torch.float32, "auto: float32, RLFUSE_CPU_BF16=0"))
+        native = cpu_bf16_flags()
+        if native:
+            return torch.bfloat16, f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
+        return torch.float32, (f"auto: float32, this CPU has no native bf16 dot product "
+                               f"(none of {', '.join(CPU_BF16_FLAGS)})")
+    return _resolve_dtype(name, device), f"model.dtype={name}"
+
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return resolve_dtype(name, device)[0]
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
@@ -403,7 +452,7 @@ def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=(POLICY,),
         raise ValueError("load_backbone needs at least one adapter name")
     check_lora_targets(cfg.lora_target_modules)  # before the (long) model load
     device = resolve_device(device)
-    dtype = _resolve_dtype(cfg.dtype, device)
+    dtype, dtype_reason = resolve_dtype(cfg.dtype, device)
     quant = cfg.quantization
     if quant == "auto":  # 4-bit pays off for real models on a GPU; bnb's CPU path is slow
         quant = "4bit" if device.startswith("cuda") and cfg.name_or_path not in tiny.PRESETS else "none"
@@ -428,13 +477,16 @@ def load_backbone(cfg: ModelConfig, *, device: str = "auto", adapters=(POLICY,),
                              bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecated
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        peft_model = get_peft_model(model, lora_config, adapter_name=adapters[0])
+        # autocast_adapter_dtype: the LoRA weights stay float32 over a bf16/fp16 base (so do their
+        # gradients and AdamW state); peft casts a layer's input to them and the sum back
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapters[0], autocast_adapter_dtype=True)
     hidden_size = model.config.get_text_config().hidden_size
     if cfg.compile_sampler not in ("auto", "on", "off"):
         raise ValueError(f"model.compile_sampler: unknown value {cfg.compile_sampler!r} (use auto, on or off)")
     compile_sampler = cfg.compile_sampler == "on" or (cfg.compile_sampler == "auto" and device.startswith("cuda"))
     backbone = Backbone(peft_model, tokenizer, device, lora_config, hidden_size, quantized=qconfig is not None,
                         compile_sampler=compile_sampler)
+    backbone.dtype, backbone.dtype_reason = dtype, dtype_reason  # summary.json's model_dtype (stage.py)
     for name in adapters[1:]:
         backbone.add_adapter(name)
     backbone.set_trainable([])

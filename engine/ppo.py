@@ -196,6 +196,7 @@ def build_ppo_backbone(cfg: RunConfig, device: str, *, use_reward_model: bool, t
     adapters = ([POLICY] + ([REFERENCE] if sft_ckpt else []) + ([REWARD] if rm_ckpt else [])
                 + ([VALUE] if value_adapter else []))
     backbone = load_backbone(cfg.model, device=device, adapters=adapters, tokenizer=tokenizer)
+    backbone.share_prompts = c.n_samples > 1  # one forward rule for scoring and every micro-batch (issue 22)
     if sft_ckpt is not None:  # reference = frozen SFT adapter; policy starts as its copy
         load_into_backbone(backbone, sft_ckpt, REFERENCE)
         load_into_backbone(backbone, sft_ckpt, POLICY)

@@ -119,16 +119,24 @@ def plain_completion_hidden_states(decoder, input_ids, attention_mask, prompt_le
 
 
 def completion_hidden_states(decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             prompt_len: int) -> torch.Tensor:
+                             prompt_len: int, share: bool | None = None) -> torch.Tensor:
     """Hidden states [B, R, H] at columns P-1 .. P+R-2 of ``input_ids`` [B, P+R] (left-padded
     prompts of length P = ``prompt_len``, then R completion columns), each distinct prompt run
-    once. Differentiable (LoRA gradients flow through the shared prompt pass)."""
+    once. Differentiable (LoRA gradients flow through the shared prompt pass).
+
+    ``share``: None shares when some prompt repeats in THIS batch; True always runs the prompt
+    pass + completion pass (also for a batch of distinct prompts), False always the plain
+    forward. The two computations agree only up to rounding (in bf16 ~2e-3 in a log-prob, issue
+    22), so a PPO step fixes one for the run: a row then scores the same in scoring's batches and
+    in any update micro-batch, whichever rows it shares them with."""
     B, T = input_ids.shape
     P = int(prompt_len)
     if not 0 < P < T:
         raise ValueError(f"completion_hidden_states: prompt_len={P} must be in [1, {T - 1}] for {T} columns")
+    if share is False:
+        return plain_completion_hidden_states(decoder, input_ids, attention_mask, P)
     u_ids, u_mask, inverse = prompt_groups(input_ids, attention_mask, P)
-    if u_ids.shape[0] == B:  # no prompt repeats: nothing to share
+    if u_ids.shape[0] == B and share is None:  # no prompt repeats: nothing to share
         return plain_completion_hidden_states(decoder, input_ids, attention_mask, P)
     from transformers import DynamicCache
 

@@ -174,6 +174,9 @@ class Stage:
         directory is written once :meth:`restore` has succeeded (a run that fails on its inputs,
         or a --resume refused while loading the checkpoint, leaves only the lock file)."""
         self.backbone, self.adapter, self.heads, self.optimizer = backbone, adapter, heads, optimizer
+        if self.cfg.progress and self.world.is_main and getattr(backbone, "dtype_reason", ""):
+            print(f"[rlfuse] {self.name}: base model in {str(backbone.dtype).removeprefix('torch.')} "
+                  f"({backbone.dtype_reason})")
         apply_lr_schedule(optimizer, 1.0)  # records each group's base lr before a restore overwrites lr
         from .config import to_dict
         from .tracking import make_trackers
@@ -298,6 +301,10 @@ class Stage:
         """Write the stage's summary (``runtime_s`` summed over resumes) and release the run dir."""
         summary = {"checkpoint": str(self.ckpt) if self.ckpt else None, **summary, "runtime_s": self.runtime_s(),
                    "world_size": self.world.size}
+        backbone = getattr(self, "backbone", None)
+        if backbone is not None:  # which precision the base ran in, and why (model.dtype=auto chooses)
+            summary["model_dtype"] = {"dtype": str(backbone.dtype).removeprefix("torch."),
+                                      "reason": backbone.dtype_reason}
         if self.skipped:
             summary["nonfinite_skipped"] = self.skipped
         self.log.update_summary(self.name, summary)

@@ -68,14 +68,16 @@ def _linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | 
                                  lse: Tensor, entropy: Tensor, grad_logp: Tensor,
                                  grad_entropy: Tensor | None, temperature: float,
                                  softcap: float | None, logit_scale: float, chunk_size: int,
-                                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                                 backend: str, weight_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     impl = dispatch.get(backend)
     opts = LogprobOptions(temperature, softcap, logit_scale)
     n, v = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     # float32 accumulation across chunks when the weight is float32; low-precision weights
     # accumulate in their own dtype so the gradient costs no more than the weight itself.
-    grad_weight = torch.zeros_like(weight)
+    # A frozen head (LoRA training: weight_grad=False) gets an empty one and no dW matmul,
+    # a third of the backward's FLOPs.
+    grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
     grad_bias = torch.zeros(v if bias is not None else 0, dtype=torch.float32, device=hidden.device)
     grad_logp = grad_logp.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
@@ -88,7 +90,8 @@ def _linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | 
                                    None if grad_entropy is None else grad_entropy[s:e],
                                    opts, True)
         torch.mm(g, weight, out=grad_hidden[s:e])
-        grad_weight.addmm_(g.t(), hidden[s:e])
+        if weight_grad:
+            grad_weight.addmm_(g.t(), hidden[s:e])
         if bias is not None:
             grad_bias += g.sum(0, dtype=torch.float32)
     return grad_hidden, grad_weight, grad_bias.to(bias.dtype) if bias is not None else grad_bias
@@ -96,9 +99,9 @@ def _linear_logprobs_backward_op(hidden: Tensor, weight: Tensor, bias: Tensor | 
 
 @_linear_logprobs_backward_op.register_fake
 def _(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap, logit_scale,
-      chunk_size, backend):
+      chunk_size, backend, weight_grad=True):
     gb = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(hidden), torch.empty_like(weight), gb
+    return torch.empty_like(hidden), torch.empty_like(weight) if weight_grad else weight.new_empty(0), gb
 
 
 def _setup_context(ctx, inputs, output):
@@ -113,10 +116,12 @@ def _backward(ctx, grad_logp, grad_lse, grad_entropy):
     temperature, softcap, logit_scale, with_entropy, chunk_size, backend = ctx.args
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
+    weight_grad = ctx.needs_input_grad[1]
     gh, gw, gb = _linear_logprobs_backward_op(hidden, weight, bias, labels, lse, entropy, grad_logp,
                                               grad_entropy if with_entropy else None, temperature,
-                                              softcap, logit_scale, chunk_size, backend)
-    return gh, gw, (gb if bias is not None else None), None, None, None, None, None, None, None
+                                              softcap, logit_scale, chunk_size, backend, weight_grad)
+    return (gh, gw if weight_grad else None, (gb if bias is not None else None),
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("rlfuse::linear_logprobs", _backward, setup_context=_setup_context)

@@ -6,6 +6,7 @@
   ``backend_cases``); a test using it runs its public-API calls inside ``use_backend(name)``,
   on tensors of ``backend.device``. Backends that are absent (not installed, not built yet,
   no GPU) appear as skipped cases with the reason, never as failures.
+* ``RLFUSE_CPU_BF16=0``: ``model.dtype: auto`` is float32 on every CPU here (see below).
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import torch  # noqa: E402  (does not import triton)
 
 if not torch.cuda.is_available():  # on a GPU, test the compiled kernels instead
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+# model.dtype=auto is bf16 on CPUs with native bf16 dot products and float32 on others; the suite
+# (and the processes it starts) takes float32 on every CPU so that its results do not depend on
+# the machine. Tests of bf16 set model.dtype=bfloat16; tests of the choice itself
+# (tests/engine/test_bf16.py) clear this and fake the CPU's flags.
+os.environ.setdefault("RLFUSE_CPU_BF16", "0")
 
 import importlib.util  # noqa: E402
 import sys  # noqa: E402
