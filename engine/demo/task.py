@@ -45,14 +45,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def write_stage_data(data_dir: Path, s: Splits, system: str) -> dict[str, Path]:
-    """sft.jsonl (the ideal answers), ppo_prompts.jsonl, annotate_prompts.jsonl and heldout_prompts.jsonl."""
+def write_stage_data(data_dir: Path, s: Splits, system: str, best_of: int = 0) -> dict[str, Path]:
+    """sft.jsonl (the ideal answers), ppo_prompts.jsonl, annotate_prompts.jsonl, heldout_prompts.jsonl and
+    best_of_prompts.jsonl (the first ``best_of`` held-out prompts)."""
     return {
         "sft": write_jsonl(data_dir / "sft.jsonl", [{"system": system, "prompt": p, "response": task.ideal_response(p)}
                                                    for p in s.sft]),
         "ppo": write_jsonl(data_dir / "ppo_prompts.jsonl", [{"system": system, "prompt": p} for p in s.ppo]),
         "annotate": write_jsonl(data_dir / "annotate_prompts.jsonl", [{"system": system, "prompt": p}
                                                                       for p in s.annotate]),
+        "best_of": write_jsonl(data_dir / "best_of_prompts.jsonl", [{"system": system, "prompt": p}
+                                                                    for p in s.heldout[:best_of]]),
         "heldout": write_jsonl(data_dir / "heldout_prompts.jsonl",
                                [{"system": system, "prompt": p, "answers": [x.answer for x in task.problems_in(p)]}
                                 for p in s.heldout]),
