@@ -9,7 +9,7 @@
     rlfuse generate CHECKPOINT --prompts F --out F.jsonl [--temperature T]
     rlfuse chat     CHECKPOINT [--temperature T] [--system TEXT]
     rlfuse eval     --checkpoints A B ... --prompts F (--reward-fn M:F | --reward-checkpoint RM) [--out DIR]
-    rlfuse memory   [--model tiny-small] [--batch-size 4] [--seq-len 128]
+    rlfuse memory   [--model tiny-small] [--batch-size 4] [--seq-len 128]   (= rlfuse bench --scenarios memory)
     rlfuse demo ... / rlfuse bench ...       (forwarded to their own modules)
     rlfuse label sample|serve|export|stats   (people rank responses; see rlfuse.engine.label)
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="output folder (default RUN_DIR/plots)")
 
-    p = sub.add_parser("memory", help="peak memory of one PPO step: shared backbone vs four models")
+    p = sub.add_parser("memory", help="peak memory of one PPO step: shared backbone vs four models "
+                                      "(rlfuse bench --scenarios memory)")
     p.add_argument("--model", default="tiny-small")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=4)
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_verb(sub)
     sub.add_parser("demo", help="run the demo (see rlfuse.engine.demo)", add_help=False)
     sub.add_parser("label", help="people rank responses: sample | serve | export | stats", add_help=False)
-    sub.add_parser("bench", help="run the kernel benchmarks (see rlfuse.benchmarks)", add_help=False)
+    sub.add_parser("bench", help="run the benchmark scenarios (rlfuse bench --list; see rlfuse.benchmarks)",
+                   add_help=False)
     return parser
 
 
@@ -111,11 +113,7 @@ def _after_training_verbs(sub) -> None:
     checkpoint_args(p)
     p.add_argument("--prompts", required=True, help="prompts: JSONL of {prompt} or {messages}")
     p.add_argument("--out", required=True, help="output JSONL")
-    p.add_argument("--temperature", type=float, help="sample softmax(logits/T); default (or 0): greedy")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--n-samples", type=int, default=1, help="completions per prompt")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_args(p, max_new_tokens=128, batch_size=8)
     p.add_argument("--split", help="split of a datasets folder given as --prompts (data.split)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
@@ -124,6 +122,15 @@ def _after_training_verbs(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0, as PPO samples)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--system", help="system message")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling_args(p, *, max_new_tokens: int, batch_size: int) -> None:
+    """How generate and eval draw answers from the engine's sampler."""
+    p.add_argument("--temperature", type=float, help="sample softmax(logits/T); default (or 0): greedy")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--n-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -137,11 +144,7 @@ def _eval_verb(sub) -> None:
     p.add_argument("--reward-checkpoint", help="score answers with a trained reward model (an rm stage or run folder)")
     p.add_argument("--reference", help="the KL's reference: a checkpoint or 'base' (default: the run's sft, else base)")
     p.add_argument("--success", type=float, default=1.0, help="an answer counts as right when its reward is >= this")
-    p.add_argument("--temperature", type=float, help="sample softmax(logits/T); default (or 0): greedy")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--n-samples", type=int, default=1, help="answers per prompt")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    _sampling_args(p, max_new_tokens=64, batch_size=32)
     p.add_argument("--out", help="folder for eval.json, eval.md and answers.jsonl")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -322,14 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot_run(args.run_dir, args.out):
                 print(path)
             return 0
-        if args.command == "memory":
-            import json
-
-            from .memory import compare_memory
-
-            print(json.dumps(compare_memory(model=args.model, device=args.device, batch_size=args.batch_size,
-                                            seq_len=args.seq_len), indent=2))
-            return 0
+        if args.command == "memory":  # an alias: the benchmarks' memory scenario
+            size = f"memory:model={args.model},batch_size={args.batch_size},seq_len={args.seq_len}"
+            device = [] if args.device == "auto" else ["--device", args.device]
+            return _dispatch("rlfuse.benchmarks.runner", ["--scenarios", "memory", "--sizes", size, *device], "memory")
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the last checkpoint is intact; say where we were
         from .stage import interrupted_message, release_active
