@@ -106,15 +106,24 @@ def table_markdown(summary: dict, ceiling: dict | None = None) -> str:
                   f"{b['rm_pick_accuracy']:.1%}, a random sample {b['sample_accuracy']:.1%}, any sample "
                   f"{b['oracle_accuracy']:.1%}.")
     if ceiling is not None:
-        x, r = ceiling["comparisons"]["PPO vs SFT"], ceiling["stages"][-1]
-        md.append(f"Ceiling: the same recipe with the grader as PPO's reward ({ceiling['ppo_reward']}) reaches "
-                  f"{r['accuracy']:.1%} {_pct(r['accuracy_ci95'])}, PPO vs SFT {x['accuracy_diff']:+.1%} "
+        r, x = ceiling_numbers(ceiling)
+        md.append(f"Ceiling: PPO with the task's grader as its reward (the same settings, from the same SFT "
+                  f"policy) reaches {r['accuracy']:.1%} {_pct(r['accuracy_ci95'])}, vs SFT {x['accuracy_diff']:+.1%} "
                   f"[{x['accuracy_diff_ci95'][0]:+.1%}, {x['accuracy_diff_ci95'][1]:+.1%}].")
     mem = summary["memory"]
     md.append(f"Cost: {summary['wall_time_s'] / 60:.1f} min wall, {summary['process_cpu_time_s'] / 60:.1f} CPU-min, "
               f"peak RSS {mem['peak_rss_mb'] / 1024:.2f} GiB; {summary['machine']}, load average "
               f"{summary['loadavg_start'][0]:.1f} at the start, {summary['loadavg_end'][0]:.1f} at the end.")
     return "\n".join(md) + "\n"
+
+
+def ceiling_numbers(c: dict) -> tuple[dict, dict]:
+    """(the PPO row, PPO vs SFT) of a ceiling run: a demo summary, or the ``eval.json`` of
+    ``rlfuse eval --checkpoints SFT PPO`` (the PPO trained with the grader as ``--reward-fn``)."""
+    if "comparisons" in c:
+        return c["stages"][-1], c["comparisons"]["PPO vs SFT"]
+    first, last = list(c["checkpoints"])[0], list(c["checkpoints"])[-1]
+    return c["checkpoints"][last], c["pairs"][f"{last} vs {first}"]
 
 
 def update_readme(readme: Path, summary: dict, ceiling: dict | None = None) -> None:
@@ -257,7 +266,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rlfuse.engine.demo.report", description=__doc__.split("\n\n")[0])
     p.add_argument("summary", help="a demo run's demo_summary.json")
     p.add_argument("--readme", help="rewrite the table between this file's demo-table markers")
-    p.add_argument("--ceiling", help="demo_summary.json of the same recipe with the grader as PPO's reward_fn")
+    p.add_argument("--ceiling", help="a ceiling run (PPO with the grader as reward_fn): its demo_summary.json, "
+                                      "or rlfuse eval's eval.json of SFT and that PPO")
     p.add_argument("--png", help="draw the PPO curves to this file")
     args = p.parse_args(argv)
     summary = json.loads(Path(args.summary).read_text())
