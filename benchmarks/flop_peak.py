@@ -2,7 +2,7 @@
 
 The fraction of peak that a benchmark reports divides its FLOP/s by these, on the same core in
 the same run. ``peaks()`` compiles the C file with the system compiler into a temporary shared
-library (under a second), then times each loop: the best of ``repeats`` runs of ~0.1 s each, so
+library (under a second), then times each loop: the best of ``repeats`` runs of ~20 ms each, so
 another process taking the core for a moment lowers no more than one of them.
 Run: ``python -m benchmarks.flop_peak``.
 """
@@ -37,10 +37,10 @@ def _library() -> ctypes.CDLL:
 def _has_bf16_dot() -> bool:
     from rlfuse.engine.backbone import cpu_bf16_flags
 
-    return "avx512_bf16" in cpu_bf16_flags()
+    return "avx512_bf16" in cpu_bf16_flags()  # vdpbf16ps (the loop below), whatever the vendor
 
 
-def peak(kind: str, *, repeats: int = 7, seconds: float = 0.1) -> float:
+def peak(kind: str, *, repeats: int = 31, seconds: float = 0.02) -> float:
     """FLOP/s of one core's ``kind`` loop ("fma_f32" or "dot_bf16"), best of ``repeats``."""
     if kind == "dot_bf16" and not _has_bf16_dot():
         raise RuntimeError("flop_peak: this CPU has no avx512_bf16 (vdpbf16ps)")

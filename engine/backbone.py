@@ -272,17 +272,24 @@ class Backbone:
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo is absent)."""
+def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """(vendor, feature flags) of the CPU as Linux names them (empty where /proc/cpuinfo is absent)."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return "", set()
+    vendor, flags = "", None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        if key.strip() == "vendor_id" and not vendor:
+            vendor = value.strip()
+        if key.strip() in ("flags", "Features") and flags is None:
+            flags = set(value.split())
+    return vendor, flags or set()
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    return cpu_info(cpuinfo)[1]
 
 
 def cpu_bf16_flags() -> list[str]:
@@ -291,9 +298,27 @@ def cpu_bf16_flags() -> list[str]:
     return [f for f in CPU_BF16_FLAGS if f in flags]
 
 
+def cpu_bf16_is_faster() -> tuple[bool, str]:
+    """Whether this CPU multiplies bf16 faster than float32, and why. AMX-BF16: tile products, many
+    times the fp32 rate. AVX512-BF16 on AMD Zen 4/5: one vdpbf16ps does the work of two fp32 FMAs
+    there. AVX512-BF16 on Intel without AMX (Cooper Lake, or a VM that hides AMX): vdpbf16ps issues
+    at half the FMA rate, so the peaks are equal; measured on such a Xeon, bf16 F.linear ran at
+    0.5-0.8x float32 and a SmolLM2 GRPO step slower (benchmarks/results/cpu-intel-xeon-2c/bf16-*.md)."""
+    vendor, flags = cpu_info()
+    if "amx_bf16" in flags:
+        return True, "this CPU has amx_bf16"
+    if "avx512_bf16" in flags and vendor == "AuthenticAMD":
+        return True, "this AMD CPU has avx512_bf16 (a bf16 dot product does twice an fp32 FMA's work)"
+    if "avx512_bf16" in flags:
+        return False, (f"this {vendor or 'non-AMD'} CPU has avx512_bf16 but no amx_bf16: bf16 matmuls are no "
+                       "faster than float32 there (measured slower, issue 22)")
+    return False, f"this CPU has no native bf16 dot product (none of {', '.join(CPU_BF16_FLAGS)})"
+
+
 def resolve_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
     """(dtype, why) for ``model.dtype`` on ``device``: ``auto`` is bf16 on a GPU that has it (fp16
-    on older ones) and on a CPU with native bf16 dot products, float32 on other CPUs."""
+    on older ones) and on a CPU whose native bf16 dot products beat float32 (``cpu_bf16_is_faster``),
+    float32 on other CPUs."""
     if name == "auto":
         if device.startswith("cuda"):
             if torch.cuda.is_bf16_supported():
@@ -303,11 +328,8 @@ def resolve_dtype(name: str, device: str) -> tuple[torch.dtype, str]:
         if forced in ("0", "1"):  # the test suite sets 0: its results must not depend on the CPU
             return ((torch.bfloat16, "auto: bf16, RLFUSE_CPU_BF16=1") if forced == "1"
                     else (torch.float32, "auto: float32, RLFUSE_CPU_BF16=0"))
-        native = cpu_bf16_flags()
-        if native:
-            return torch.bfloat16, f"auto: this CPU multiplies bf16 natively ({', '.join(native)})"
-        return torch.float32, (f"auto: float32, this CPU has no native bf16 dot product "
-                               f"(none of {', '.join(CPU_BF16_FLAGS)})")
+        faster, why = cpu_bf16_is_faster()
+        return (torch.bfloat16, f"auto: bf16, {why}") if faster else (torch.float32, f"auto: float32, {why}")
     return _resolve_dtype(name, device), f"model.dtype={name}"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlfuse.engine import backbone as backbone_mod
-from rlfuse.engine.backbone import cpu_flags, load_backbone, resolve_dtype
+from rlfuse.engine.backbone import cpu_info, load_backbone, resolve_dtype
 from rlfuse.engine.config import ModelConfig, load_config
 from rlfuse.engine.data import Prompt
 from rlfuse.engine.optim import make_optimizer
@@ -20,30 +20,32 @@ BF16 = ModelConfig(dtype="bfloat16")
 
 @pytest.fixture
 def detect(monkeypatch):
-    """Run model.dtype=auto's CPU detection on faked flags (the suite's RLFUSE_CPU_BF16=0 lifted)."""
+    """Run model.dtype=auto's CPU detection on a faked CPU (the suite's RLFUSE_CPU_BF16=0 lifted)."""
     monkeypatch.delenv("RLFUSE_CPU_BF16", raising=False)
 
-    def fake(flags):
-        monkeypatch.setattr(backbone_mod, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": set(flags))
+    def fake(flags, vendor="AuthenticAMD"):
+        monkeypatch.setattr(backbone_mod, "cpu_info", lambda cpuinfo="/proc/cpuinfo": (vendor, set(flags)))
 
     return fake
 
 
 # ----------------------------------------------------------------------------- the choice
 
-@pytest.mark.parametrize("flags,dtype", [
-    ({"avx512f", "avx512_bf16"}, torch.bfloat16),  # AMD Zen 4/5, Intel Cooper Lake and later
-    ({"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16),  # Intel Sapphire Rapids and later
-    ({"avx512f", "avx512bw", "avx512_vnni"}, torch.float32),  # AVX-512 without bf16 dot products
-    ({"avx2", "fma"}, torch.float32),
-    (set(), torch.float32),  # no /proc/cpuinfo
+@pytest.mark.parametrize("vendor,flags,dtype", [
+    ("AuthenticAMD", {"avx512f", "avx512_bf16"}, torch.bfloat16),  # Zen 4/5: bf16 dot = 2 fp32 FMAs
+    ("GenuineIntel", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, torch.bfloat16),  # Sapphire Rapids+
+    ("GenuineIntel", {"avx512f", "avx512_bf16"}, torch.float32),  # no AMX: bf16 peak = fp32 peak, measured slower
+    ("AuthenticAMD", {"avx512f", "avx512bw", "avx512_vnni"}, torch.float32),  # Zen 3 class: no bf16 dot
+    ("GenuineIntel", {"avx2", "fma"}, torch.float32),
+    ("", set(), torch.float32),  # no /proc/cpuinfo
 ])
-def test_auto_is_bf16_exactly_on_cpus_with_native_bf16(detect, flags, dtype):
-    detect(flags)
+def test_auto_is_bf16_exactly_where_bf16_multiplies_faster(detect, vendor, flags, dtype):
+    detect(flags, vendor)
     got, why = resolve_dtype("auto", "cpu")
     assert got == dtype
     named = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    assert all(f in why for f in named) and ("float32" in why) == (dtype == torch.float32)
+    assert named[:1] == [] or named[0] in why
+    assert why.startswith("auto: float32" if dtype == torch.float32 else "auto: bf16")
 
 
 def test_explicit_dtypes_and_the_override(detect, monkeypatch):
@@ -59,12 +61,13 @@ def test_explicit_dtypes_and_the_override(detect, monkeypatch):
         resolve_dtype("int8", "cpu")
 
 
-def test_cpu_flags_reads_the_flags_line(tmp_path):
+def test_cpu_info_reads_the_vendor_and_flags_lines(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
-                    "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
-    assert cpu_flags(str(info)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
-    assert cpu_flags(str(tmp_path / "absent")) == set()
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: Some CPU\n"
+                    "flags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n"
+                    "flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_info(str(info)) == ("AuthenticAMD", {"fpu", "avx2", "avx512f", "avx512_bf16"})
+    assert cpu_info(str(tmp_path / "absent")) == ("", set())
 
 
 # ----------------------------------------------------------------------------- the parts' dtypes
