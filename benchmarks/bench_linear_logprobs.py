@@ -8,6 +8,8 @@ rlfuse (``K.linear_logprobs``) against
                                 under no_grad, recompute + autograd per chunk in backward;
   * trl_chunked_logprob (peer) - ``trl.kernels.ChunkedLogProbFunction`` with TRL's own
                                 vocabulary tile (Triton on GPU, TRL's torch fallback on CPU);
+  * torch_compile_chunked (peer) - ``torch.compile`` of a chunked linear log-prob (1024-token
+                                chunks, logits recomputed in backward; PyTorch issue #124480);
   * liger_flce (peer, CUDA)    - Liger-Kernel's fused linear cross-entropy, reduction="none".
 
 fwd is the scoring path (no_grad); fwd+bwd back-propagates sum(logp) into hidden and W.
@@ -28,7 +30,7 @@ class LinearLogprobsBench(OpBench):
     op = "linear_logprobs"
     title = "linear_logprobs (hidden, W -> log p(label), fused LM head)"
     baselines = ("matmul_log_softmax_gather", "chunked_torch_verl")
-    peers = ("trl_chunked_logprob", "liger_flce")
+    peers = ("trl_chunked_logprob", "torch_compile_chunked", "liger_flce")
     x_key = "N"
     x_label = "tokens N (x hidden H x vocab V)"
     descriptions = {
@@ -36,6 +38,8 @@ class LinearLogprobsBench(OpBench):
         "matmul_log_softmax_gather": "(hidden @ W.T).log_softmax(-1).gather(-1, labels)",
         "chunked_torch_verl": "verl-style chunked LM head: no_grad chunks forward, recompute per chunk in backward",
         "trl_chunked_logprob": "trl.kernels.ChunkedLogProbFunction (TRL's vocab tile; Triton on GPU)",
+        "torch_compile_chunked": "torch.compile (Inductor) of 1024-token chunks: matmul + logsumexp + gather, "
+                                 "logits recomputed in a compiled backward; compile time excluded",
         "liger_flce": "Liger-Kernel LigerFusedLinearCrossEntropyFunction, reduction='none' (CUDA only)",
     }
     sizes_by_preset = {
@@ -68,6 +72,8 @@ class LinearLogprobsBench(OpBench):
     def unavailable(self, impl, device):
         if impl == "trl_chunked_logprob":
             return B.trl_chunked_logprob()[1]
+        if impl == "torch_compile_chunked":
+            return B.compile_unavailable(device)
         if impl == "liger_flce":
             if device.type != "cuda":
                 return B.LIGER_CPU_REASON
@@ -95,6 +101,8 @@ class LinearLogprobsBench(OpBench):
             return B.chunked_linear_logprobs(h, w, y)
         if impl == "trl_chunked_logprob":
             return B.trl_linear_logprobs(h, w, y)
+        if impl == "torch_compile_chunked":
+            return B.compiled_chunked_linear_logprobs(h, w, y)
         if impl == "liger_flce":
             return B.liger_linear_logprobs(h, w, y)
         raise KeyError(impl)

@@ -207,9 +207,20 @@ class PpoStepBench(OpBench):
         return run
 
     def extras(self, impl, inp, mode, time_s, device):
-        s = inp["size"]
+        """Tokens/s, and the step's matmul floor: one more step with its weight matmuls counted
+        (``roofline.MatmulFloor``), then timed alone; ``matmul_floor_fraction`` = floor / time."""
+        import torch
+
+        from .roofline import MatmulFloor
+        s, runner = inp["size"], inp["runner"]
+        models = [runner.bb.model] if impl == self.primary else \
+            [m for m in vars(runner).values() if isinstance(m, torch.nn.Module)]
+        with MatmulFloor(*models) as mf:
+            self.make(impl, inp, mode, "auto")()
+        f = mf.floor()
         return {"tokens_per_s": s["B"] * (s["P"] + s["R"]) / time_s,
-                "generated_tokens_per_s": s["B"] * s["R"] / time_s}
+                "generated_tokens_per_s": s["B"] * s["R"] / time_s,
+                "matmul_gflop": f["gflop"], "matmul_floor_s": f["floor_s"], "matmul_floor_fraction": f["floor_s"] / time_s}
 
 
 BENCH = PpoStepBench()

@@ -1,91 +1,31 @@
 """TRL 1.x with and without ``rlfuse.integrations.trl.patch()``: step time and peak memory.
 
-TRL's own fused LM head (``add_fused_lm_head`` → ``trl.kernels.ChunkedLogProbFunction``) is
+TRL's own fused LM head (``add_fused_lm_head`` -> ``trl.kernels.ChunkedLogProbFunction``) is
 the bar: the patch must not be slower or hungrier. Three measurements, on a tiny random
 Llama with a real vocabulary (V = 32000, hidden 256, 2 layers):
 
 * ``head``: the kernel alone, ``ChunkedLogProbFunction.apply`` vs ``RlfuseChunkedLogProb.apply``
   on [N, H] hidden states, forward + backward with entropy;
-* ``step``: the trainer's scoring step, ``model(..., labels=..., fused_lm_head=True)`` →
-  GRPO-style loss → backward, on a [B, T] batch;
+* ``step``: the trainer's scoring step, ``model(..., labels=..., fused_lm_head=True)`` ->
+  GRPO-style loss -> backward, on a [B, T] batch;
 * ``grpo``: real ``GRPOTrainer`` steps (generation + scoring + update), TRL's ``step_time``.
 
-Times are medians of interleaved repeats (plain and patched alternate, so load on a shared
-machine hits both alike). Peak memory is the peak resident memory above what was resident
-before the measured call, each case in a fresh process with the peak reset right before it
-(``/proc/self/clear_refs``; ``ru_maxrss`` where that is unavailable).
+Each (repeat, engine) a fresh process, plain and patched interleaved: each measurement's first
+call is a warm-up, its second is read by the one meter (peak memory above what was resident
+before it), then the median of ``timed`` more calls.
 
-    python benchmarks/bench_trl_patch.py            # writes benchmarks/results/trl_patch.md (+ .json)
-    pytest benchmarks/bench_trl_patch.py --benchmark-only
+    rlfuse bench --scenarios trl_patch [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+from .spec import RunScenario
+
 VOCAB, HIDDEN, LAYERS = 32000, 256, 2
-SIZES = {
-    "quick": {"N": 512, "B": 2, "T": 128, "prompt": 32, "grpo_steps": 2, "completion": 8, "repeats": 3},
-    "full": {"N": 2048, "B": 4, "T": 256, "prompt": 64, "grpo_steps": 3, "completion": 16, "repeats": 3},
-}
-MODES = ("trl", "rlfuse")
 
-
-# ------------------------------------------------------------------------- memory probe
-
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-class PeakRSS:
-    """Peak resident bytes above the resident set at ``start()``."""
-
-    def __init__(self):
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self.libc = None
-        self.exact = False
-
-    def start(self):
-        import gc
-        gc.collect()
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.exact = True
-        except OSError:
-            self.exact = False
-        self.base = _status().get("VmRSS", 0)
-
-    def stop(self) -> float:
-        if self.exact:
-            peak = _status().get("VmHWM", 0)
-        else:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(0, peak - self.base) / 2**20
-
-
-# ------------------------------------------------------------------------- workloads
 
 def _model(seed=0):
     import torch
@@ -169,50 +109,33 @@ def make_step_case(size):
     return run
 
 
-def _timed(fn, mode, repeats_out):
+def _measure(fn, mode, timed: int) -> tuple[float, float]:
+    """(median seconds, peak extra MiB) of ``fn(mode)``: a warm-up call, one under the meter, then ``timed``."""
+    from rlfuse.engine.memory import PeakMeter
+
+    fn(mode)
+    meter = PeakMeter("cpu")
+    meter.start()
     t0 = time.perf_counter()
     fn(mode)
-    repeats_out.append(time.perf_counter() - t0)
+    times = [time.perf_counter() - t0]
+    peak = meter.peak_extra() / 2**20
+    for _ in range(timed - 1):
+        t0 = time.perf_counter()
+        fn(mode)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak
 
 
-def child_timing(size, cases):
-    """One process, plain and patched interleaved: median seconds per case and mode."""
-    import torch
-    torch.manual_seed(0)
-    out = {}
-    for case in cases:
-        fn = {"head": make_head_case, "step": make_step_case}[case](size)
-        times = {m: [] for m in MODES}
-        for m in MODES:
-            fn(m)  # warm-up
-        for r in range(size["repeats"]):
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            for m in order:
-                _timed(fn, m, times[m])
-        out[case] = {m: statistics.median(t) for m, t in times.items()}
-        out[case + "_samples"] = times
-    _set_mode("trl")
-    return out
-
-
-def child_memory(size, case, mode):
-    """Fresh process: peak extra resident MB of one call of ``case`` in ``mode``."""
-    fn = {"head": make_head_case, "step": make_step_case}[case](size)
-    if case == "head":
-        _set_mode(mode)
-    probe = PeakRSS()
-    probe.start()
-    fn(mode)
-    return {"peak_extra_mb": probe.stop(), "exact": probe.exact}
-
-
-def child_grpo(size, mode):
-    """Fresh process: a few real GRPOTrainer steps; TRL's step_time and the peak memory."""
+def grpo_steps(size, mode) -> dict:
+    """A few real GRPOTrainer steps; TRL's step_time (warm-up step excluded) and the peak memory."""
     import tempfile
 
     import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
+
+    from rlfuse.engine.memory import PeakMeter
 
     torch.manual_seed(0)
     tok = _tokenizer(VOCAB)
@@ -227,133 +150,74 @@ def child_grpo(size, mode):
                           bf16=False, fp16=False, save_strategy="no", seed=0, disable_dropout=True)
         trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
                               args=args, train_dataset=dataset, processing_class=tok)
-        probe = PeakRSS()
-        probe.start()
+        meter = PeakMeter("cpu")
+        meter.start()
         trainer.train()
-        peak = probe.stop()
     steps = [row["step_time"] for row in trainer.state.log_history if "step_time" in row]
-    return {"step_time": statistics.median(steps[1:] if len(steps) > 1 else steps),
-            "step_times": steps, "peak_extra_mb": peak, "exact": probe.exact}
+    return {"grpo_step_s": statistics.median(steps[1:] or steps), "grpo_peak_mb": meter.peak_extra() / 2**20}
 
 
-# ------------------------------------------------------------------------- driver
+class TrlPatchScenario(RunScenario):
+    """TRL 1.x plain vs with ``rlfuse.integrations.trl.patch()`` (see ``bench_trl_patch.py``'s
+    docstring): the fused head alone, the trainer's scoring step and real GRPOTrainer steps, each
+    engine in a fresh process, interleaved; median seconds, peak extra MiB, ratio rlfuse/TRL (below
+    1 is better for rlfuse)."""
 
-def _child(kind, preset, *args) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, os.path.abspath(__file__), "--preset", preset, "--child", kind, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    op = "trl_patch"
+    title = "TRL fused LM head: TRL's own vs rlfuse (rlfuse.integrations.trl.patch())"
+    engines = ("trl", "rlfuse")
+    metrics = ("head_s", "head_peak_mb", "step_s", "step_peak_mb", "grpo_step_s", "grpo_peak_mb")
+    plot_label = "seconds"
+    timeout_s = 1800
+    sizes_by_preset = {
+        "quick": [dict(N=512, B=2, T=128, prompt=32, grpo_steps=2, completion=8, timed=3)],
+        "full": [dict(N=2048, B=4, T=256, prompt=64, grpo_steps=3, completion=16, timed=3)],
+    }
 
-
-def run_all(preset="full", with_grpo=True) -> dict:
-    size = SIZES[preset]
-    res = {"preset": preset, "size": size, "vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS}
-    res["timing"] = _child("timing", preset)
-    res["memory"] = {case: {m: _child("memory", preset, case, m) for m in MODES} for case in ("head", "step")}
-    if with_grpo:
-        res["grpo"] = {m: _child("grpo", preset, m) for m in MODES}
-    return res
-
-
-def _ratio(a, b):
-    return a / b if b else float("nan")
-
-
-def write_report(res: dict, path_md: str) -> str:
-    import torch
-
-    try:
-        import trl
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = "not installed"
-    size = res["size"]
-    lines = [
-        "# TRL fused LM head: TRL's own vs rlfuse (`rlfuse.integrations.trl.patch()`)",
-        "",
-        f"Model: random Llama, vocab {res['vocab']}, hidden {res['hidden']}, {res['layers']} layers. "
-        f"Preset `{res['preset']}`: head N={size['N']} tokens; step batch {size['B']}x{size['T']} "
-        f"({size['prompt']} prompt tokens masked); GRPO 8 generations x {size['completion']} tokens.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, TRL {trl_version}, "
-        f"load average at write time {os.getloadavg()[0]:.1f}.",
-        "",
-        "ratio = rlfuse / TRL (below 1 is better for rlfuse).",
-        "",
-        "| measurement | TRL | rlfuse (patched) | ratio |",
-        "|---|---|---|---|",
-    ]
-    t = res["timing"]
-    labels = {"head": "kernel fwd+bwd (s, median)", "step": "scoring step fwd+bwd (s, median)"}
-    for case in ("head", "step"):
-        a, b = t[case]["trl"], t[case]["rlfuse"]
-        lines.append(f"| {labels[case]} | {a:.3f} | {b:.3f} | {_ratio(b, a):.2f} |")
-    if "grpo" in res:
-        a, b = res["grpo"]["trl"]["step_time"], res["grpo"]["rlfuse"]["step_time"]
-        lines.append(f"| GRPOTrainer step_time (s, median) | {a:.3f} | {b:.3f} | {_ratio(b, a):.2f} |")
-    for case in ("head", "step"):
-        a, b = res["memory"][case]["trl"]["peak_extra_mb"], res["memory"][case]["rlfuse"]["peak_extra_mb"]
-        lines.append(f"| {case} peak extra memory (MB) | {a:.1f} | {b:.1f} | {_ratio(b, a):.2f} |")
-    if "grpo" in res:
-        a, b = res["grpo"]["trl"]["peak_extra_mb"], res["grpo"]["rlfuse"]["peak_extra_mb"]
-        lines.append(f"| GRPOTrainer train() peak extra memory (MB) | {a:.1f} | {b:.1f} | {_ratio(b, a):.2f} |")
-    exact = all(v["exact"] for c in res["memory"].values() for v in c.values())
-    method = "VmHWM reset via /proc/self/clear_refs" if exact else "ru_maxrss (approximate)"
-    lines += ["", f"Peak memory method: {method}; each case in a fresh process. Times are wall-clock on a",
-              "shared machine: compare the ratio, not the absolute seconds.", ""]
-    text = "\n".join(lines)
-    os.makedirs(os.path.dirname(path_md), exist_ok=True)
-    with open(path_md, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(path_md)[0] + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    return text
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="full", choices=sorted(SIZES))
-    parser.add_argument("--no-grpo", action="store_true", help="skip the GRPOTrainer runs")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "trl_patch.md"))
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        import torch
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-        size = SIZES[args.preset]
-        kind, rest = args.child[0], args.child[1:]
-        result = {"timing": lambda: child_timing(size, ("head", "step")),
-                  "memory": lambda: child_memory(size, *rest),
-                  "grpo": lambda: child_grpo(size, *rest)}[kind]()
-        print(json.dumps(result))
-        return result
-    res = run_all(args.preset, with_grpo=not args.no_grpo)
-    print(write_report(res, args.out))
-    return res
-
-
-# ------------------------------------------------------------------------- pytest-benchmark
-
-try:  # only when collected by pytest
-    import pytest as _pytest
-
-    @_pytest.mark.parametrize("case,mode", [(c, m) for c in ("head", "step") for m in MODES])
-    def test_trl_patch(benchmark, case, mode):
-        _pytest.importorskip("trl")
-        size = SIZES["quick"]
-        fn = {"head": make_head_case, "step": make_step_case}[case](size)
+    def unavailable(self, engine):
         try:
-            if case == "head":
-                _set_mode(mode)
-            benchmark.extra_info.update({"case": case, "mode": mode, "vocab": VOCAB, "hidden": HIDDEN, **size})
-            benchmark.pedantic(fn, args=(mode,), rounds=size["repeats"], warmup_rounds=1)
-        finally:
-            _set_mode("trl")
-except ImportError:  # pragma: no cover
-    pass
+            import trl.kernels  # noqa: F401
+        except ImportError as exc:
+            return f"needs trl ({exc})"
+        return None
+
+    def child(self, engine, size, ctx):
+        out = {}
+        for case, make in (("head", make_head_case), ("step", make_step_case)):
+            fn = make(size)
+            _set_mode(engine)
+            out[f"{case}_s"], out[f"{case}_peak_mb"] = _measure(fn, engine, size["timed"])
+        if size.get("grpo_steps"):
+            out.update(grpo_steps(size, engine))
+        _set_mode("trl")
+        return out
+
+    def finish(self, size, med):
+        return {"ratio": {k: med["rlfuse"][k] / med["trl"][k] for k in med["trl"] if med["trl"][k]}}
+
+    def columns(self, res):
+        t, r, q = res["median"]["trl"], res["median"]["rlfuse"], res["ratio"]
+        cells = [("size", res["label"])]
+        for k, name in (("head_s", "kernel fwd+bwd s"), ("step_s", "scoring step s"), ("grpo_step_s", "GRPO step s"),
+                        ("head_peak_mb", "kernel MiB"), ("step_peak_mb", "step MiB"), ("grpo_peak_mb", "GRPO MiB")):
+            if k in t:
+                f = ".3f" if k.endswith("_s") else ".1f"
+                cells.append((f"{name} TRL / rlfuse (ratio)", f"{t[k]:{f}} / {r[k]:{f}} (**{q.get(k, 0):.2f}**)"))
+        return cells
+
+    def plot_values(self, res):
+        return {e: m["step_s"] for e, m in res["median"].items()}
 
 
-if __name__ == "__main__":
-    main()
+BENCH = TrlPatchScenario()
+
+
+def test_trl_patch(benchmark):
+    """pytest-benchmark entry: the scoring step, patched, at the quick size."""
+    import pytest
+    pytest.importorskip("trl")
+    fn = make_step_case(BENCH.sizes("quick")[0])
+    try:
+        benchmark.pedantic(fn, args=("rlfuse",), rounds=3, warmup_rounds=1)
+    finally:
+        _set_mode("trl")

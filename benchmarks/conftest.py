@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import pytest
 
-from . import analysis, harness
+from . import analysis
+from .machine import drop_repo_root_from_path
+from .pytest_bridge import PYTEST_RESULTS
+from .spec import OPS, load_bench
 
 
 def pytest_collection_finish(session):
     # pytest put the checkout root on sys.path to import this package; drop it before any
     # benchmark imports transformers, whose probe for the HF ``kernels`` package would
-    # otherwise load the repo's kernels/ folder a second time (see harness).
-    harness.drop_repo_root_from_path()
+    # otherwise load the repo's kernels/ folder a second time (see machine.py).
+    drop_repo_root_from_path()
 
 
 def pytest_addoption(parser):
@@ -85,7 +88,7 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    results = harness.PYTEST_RESULTS
+    results = PYTEST_RESULTS
     if not results:
         return
     tr = terminalreporter
@@ -102,7 +105,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for r in floors:
             tr.write_line(f"{r['floor_fraction']:7.0%}  floor {r['floor_s'] * 1e3:8.2f} ms  {r['op']:<16} "
                           f"{r['label']:<28} {r['mode']:<8} {r['impl']}")
-    targets = [t for name in harness.OPS for t in harness.load_bench(name).targets]
+    targets = [t for name in OPS for t in load_bench(name).targets]
     evaluated = [e for e in analysis.evaluate_targets(targets, ratios, results) if e["status"] != "not measured"]
     if evaluated:
         tr.write_sep("-", "foundation targets")

@@ -18,8 +18,9 @@
 # left alone. Exit code: 0 when every step ran and passed, 1 when a step failed or _C_cuda did
 # not build.
 #
-# Files ($OUT; the device tool returns at most 8): summary.md, bench_results.md + .json (the runner's
-# report), engine.jsonl (one row per PPO-iteration run), logs.tar.gz (env.txt, build.log,
+# The benchmarks are `rlfuse bench` scenarios: this script only names them and their sizes.
+# Files ($OUT; the device tool returns at most 8): summary.md, bench_results.md + .json (the
+# scenarios' reports: the kernel ops and gpu_engine), logs.tar.gz (env.txt, build.log,
 # build_errors.txt, import.txt, tests_*.log, bench.log, engine_*.log).
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -167,32 +168,31 @@ fi
 # ---- 4. kernel benchmarks with roofline fractions and the GPU targets ------------------------------
 # the targets' sizes: logprobs bf16 N=16384 V=128256, linear_logprobs bf16 N=16384 H=4096 V=128256
 # (vs Liger FLCE and TRL's chunked head), gae [512, 2048], ppo_loss 1M tokens (vs eager, torch.compile)
+BENCH=("$PY" -m rlfuse.benchmarks.runner --no-progress --no-plots --out "$LOG/bench")
 if [ "$DRY" = 1 ]; then
-  step "benchmarks: kernels + roofline (dry run: CPU, tiny sizes)" 240 "$PY" -m rlfuse.benchmarks.runner \
-    --device cpu --sizes logprobs:N=256,V=1024 linear_logprobs:N=256,H=32,V=1024 gae:B=8,T=64 ppo_loss:N=4096 \
-    --ops logprobs linear_logprobs gae ppo_loss \
-    --impls rlfuse log_softmax_gather matmul_log_softmax_gather python_loop eager \
-    --no-isolate --no-progress --no-plots --out "$LOG/bench" >"$LOG/bench.log" 2>&1
+  step "benchmarks: kernels + roofline (dry run: CPU, tiny sizes)" 240 "${BENCH[@]}" --device cpu --no-isolate \
+    --scenarios logprobs linear_logprobs gae ppo_loss \
+    --sizes logprobs:N=256,V=1024 linear_logprobs:N=256,H=32,V=1024 gae:B=8,T=64 ppo_loss:N=4096 \
+    --impls rlfuse log_softmax_gather matmul_log_softmax_gather python_loop eager >"$LOG/bench.log" 2>&1
 else
-  step "benchmarks: kernels + roofline (runner --gpu)" 170 "$PY" -m rlfuse.benchmarks.runner --device cuda \
+  step "benchmarks: kernels + roofline (GPU sizes)" 170 "${BENCH[@]}" --device cuda --no-isolate --timeout 60 \
+    --scenarios logprobs linear_logprobs gae ppo_loss --compare-backends triton \
     --sizes logprobs:N=16384,V=128256,dtype=bfloat16 linear_logprobs:N=16384,H=4096,V=128256,dtype=bfloat16 \
-    gae:B=512,T=2048 ppo_loss:N=1M --ops logprobs linear_logprobs gae ppo_loss --compare-backends triton \
-    --no-isolate --no-progress --no-plots --timeout 60 --out "$LOG/bench" >"$LOG/bench.log" 2>&1
+    gae:B=512,T=2048 ppo_loss:N=1M >"$LOG/bench.log" 2>&1
 fi
 
 # ---- 5. one PPO iteration on the shared (4-bit) backbone vs four separate bf16 models ---------------
-engine() {  # engine NAME LIMIT ARGS...: one bench_gpu_engine run, its row appended to engine.jsonl
-  local name=$1 limit=$2
-  shift 2
-  step "engine: $name" "$limit" "$PY" -m rlfuse.benchmarks.bench_gpu_engine --out "$OUT/engine.jsonl" "$@" \
-    >"$LOG/engine_${name}.log" 2>&1
+engine() {  # engine NAME LIMIT SIZE LAYOUT: the gpu_engine scenario at SIZE (K=V,...), one layout
+  step "engine: $1" "$2" "${BENCH[@]}" --scenarios gpu_engine --sizes "gpu_engine:$3" --engines "$4" \
+    --repeats 1 >"$LOG/engine_$1.log" 2>&1
 }
+TINY=model=tiny,batch=2,prompt_len=16,new_tokens=8
 if [ "$DRY" = 1 ]; then
-  engine tiny-shared 120 --tiny --device cpu --layout shared
-  engine tiny-separate 120 --tiny --device cpu --layout separate
+  engine tiny-shared 120 "$TINY" shared
+  engine tiny-separate 120 "$TINY" separate
 else
-  engine llama-8b-shared-nf4 130 --model llama-8b --layout shared
-  engine llama-1b-shared-nf4 80 --model llama-1b --layout shared
+  engine llama-8b-shared-nf4 130 model=llama-8b shared
+  engine llama-1b-shared-nf4 80 model=llama-1b shared
 fi
 
 # ---- 6. the Triton backend and the other GPU tests --------------------------------------------------
@@ -207,8 +207,8 @@ fi
 
 # ---- 7. the four-separate-models baseline where time is left (the 8B one is not expected to fit) ----
 if [ "$DRY" = 0 ]; then
-  engine llama-1b-separate-bf16 70 --model llama-1b --layout separate
-  engine llama-8b-separate-bf16 60 --model llama-8b --layout separate
+  engine llama-1b-separate-bf16 70 model=llama-1b separate
+  engine llama-8b-separate-bf16 60 model=llama-8b separate
 fi
 
 # ---- 8. summary --------------------------------------------------------------------------------
@@ -221,22 +221,25 @@ fi
   else
     echo "## RESULT: FAILED - ${FAILED[*]}"
   fi
-  results_md=$(find "$LOG/bench" -name results.md 2>/dev/null | head -n 1)
-  if [ -n "$results_md" ]; then
+  kernel_md=$(find "$LOG/bench" -path '*/custom/results.md' 2>/dev/null | sort)
+  if [ -n "$kernel_md" ]; then
     echo
-    echo "## kernel targets and roofline (from $(basename "$(dirname "$(dirname "$results_md")")")/.../results.md)"
-    echo
-    sed -n '/^## Foundation targets/,/^## rlfuse vs each baseline/p' "$results_md" | sed '$d'
+    echo "## kernel targets and roofline (each scenario's results.md)"
+    for f in $kernel_md; do
+      echo
+      sed -n '/^## Foundation targets/,/^## rlfuse vs each baseline/p' "$f" | sed '$d'
+    done
   else
     echo
     echo "## kernel benchmarks: no results.md (see bench.log)"
     tail -n 5 "$LOG/bench.log" 2>/dev/null
   fi
-  if [ -s "$OUT/engine.jsonl" ]; then
+  engine_md=$(find "$LOG/bench" -path '*/gpu_engine/results.md' 2>/dev/null | head -n 1)
+  if [ -n "$engine_md" ]; then
     echo
     echo "## PPO iteration (512 prompt + 256 new tokens on the GPU; peak = whole step, models included)"
     echo
-    "$PY" -m rlfuse.benchmarks.bench_gpu_engine --summarize "$OUT/engine.jsonl"
+    grep '^|' "$engine_md"
   fi
   echo
   echo "## failing tests"
@@ -247,9 +250,10 @@ fi
     tail -n 15 "$LOG/build_errors.txt"
   fi
 } >>"$SUMMARY" 2>&1
-if [ -n "$results_md" ]; then
-  cp "$results_md" "$OUT/bench_results.md"
-  cp "$(dirname "$results_md")/results.json" "$OUT/bench_results.json" 2>/dev/null
+if [ -n "$kernel_md" ] || [ -n "$engine_md" ]; then  # every scenario's report, one file each kind
+  cat $kernel_md $engine_md >"$OUT/bench_results.md"
+  "$PY" -c 'import json, sys; print(json.dumps({p: json.load(open(p)) for p in sys.argv[1:]}))' \
+    $(find "$LOG/bench" -name '*.json' | sort) >"$OUT/bench_results.json" 2>/dev/null
 fi
 tar czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOG"
 cat "$SUMMARY"

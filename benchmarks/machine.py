@@ -24,7 +24,7 @@ def drop_repo_root_from_path() -> list[str]:
     for entry in list(sys.path):
         root = os.path.abspath(entry or os.getcwd())
         if (os.path.isfile(os.path.join(root, "kernels", "dispatch.py"))
-                and os.path.isfile(os.path.join(root, "benchmarks", "harness.py"))
+                and os.path.isfile(os.path.join(root, "benchmarks", "spec.py"))
                 and os.path.isfile(os.path.join(root, "setup.py"))):
             sys.path.remove(entry)
             removed.append(entry)

@@ -1,23 +1,22 @@
-"""How a benchmark case is measured: memory meters, the timing policy, one case in this
-process, several implementations timed interleaved, and the pool of fresh child processes.
+"""How a scenario is measured: the timing policy, one op case in this process, several
+implementations timed interleaved, one run-scenario child, and the one pool of fresh child
+processes (interleaving is the runner's; the pool adds the idle check and the retries).
 
 * time: median wall-clock of repeated calls after one warm-up call (CUDA-synchronised);
 * peak memory: the peak EXTRA memory of one call over what was resident after the inputs
-  were built. On CPU each case runs in a fresh child process and reads the peak RSS
-  (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the measured call, after
-  ``malloc_trim`` so freed heap pages are not silently reused); where the kernel cannot
-  reset the peak, ``ru_maxrss`` is used and the result is flagged approximate. On a GPU it
-  is ``torch.cuda.max_memory_allocated`` minus the allocation before the call;
+  were built, each case in a fresh child, read by the one meter
+  (``rlfuse.engine.memory.PeakMeter``: CPU peak RSS with ``VmHWM`` reset right before the call,
+  GPU ``max_memory_allocated``);
 * the roofline fields of every timed mode (``roofline.annotate``), against a bandwidth
   measured in the same process.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
+import importlib
 import multiprocessing as mp
+import os
 import statistics
 import time
 import traceback
@@ -28,107 +27,15 @@ from .machine import drop_repo_root_from_path
 from .spec import _impl_backend, load_bench
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _proc_status() -> dict[str, int]:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS", "VmHWM")):
-                    key, val = line.split(":", 1)
-                    out[key] = int(val.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-class CpuMemoryMeter:
-    """Peak extra resident memory of the code between ``start()`` and ``peak_extra()``."""
-
-    def __init__(self):
-        self.libc = _libc()
-        self.exact = self._can_reset()
-        self.base = 0
-        self.method = "VmHWM reset via /proc/self/clear_refs" if self.exact else "ru_maxrss (approximate)"
-
-    @staticmethod
-    def _can_reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return "VmHWM" in _proc_status()
-        except OSError:
-            return False
-
-    def _rss(self) -> int:
-        st = _proc_status()
-        if "VmRSS" in st:
-            return st["VmRSS"]
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def start(self):
-        gc.collect()
-        if self.libc is not None:
-            with contextlib.suppress(Exception):
-                self.libc.malloc_trim(0)
-        if self.exact:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        self.base = self._rss()
-
-    def peak_extra(self) -> int:
-        if self.exact:
-            peak = _proc_status().get("VmHWM", 0)
-        else:
-            import resource
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(0, peak - self.base)
-
-
-class CudaMemoryMeter:
-    method = "torch.cuda.max_memory_allocated - allocated before the call"
-    exact = True
-
-    def __init__(self, device):
-        self.device = device
-        self.base = 0
-
-    def start(self):
-        import torch
-        gc.collect()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.base = torch.cuda.memory_allocated(self.device)
-
-    def peak_extra(self) -> int:
-        import torch
-        torch.cuda.synchronize(self.device)
-        return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+def memory_meter(device):
+    """The one meter (``engine/memory.py``'s :class:`PeakMeter`, shared with ``rlfuse memory``)."""
+    from rlfuse.engine.memory import PeakMeter
+    return PeakMeter(device)
 
 
 def current_memory(device) -> int:
     """Resident bytes now (CPU: RSS after a GC and malloc_trim) or allocated bytes (CUDA)."""
-    if device.type == "cuda":
-        import torch
-        torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    gc.collect()
-    libc = _libc()
-    if libc is not None:
-        with contextlib.suppress(Exception):
-            libc.malloc_trim(0)
-    return _proc_status().get("VmRSS", 0)
-
-
-def memory_meter(device):
-    return CudaMemoryMeter(device) if device.type == "cuda" else CpuMemoryMeter()
+    return memory_meter(device).now()
 
 
 def sync(device):
@@ -314,30 +221,72 @@ def measure_time_group(group: dict) -> dict:
     return out
 
 
+def measure_run(job: dict) -> dict:
+    """One run-scenario child: ``BENCH.child(engine, size, ctx)`` in this process (``BENCH`` of the
+    job's ``module`` when it names one: a scenario outside the registry)."""
+    out = {"op": job["op"], "engine": job["engine"], "size": job["size"], "status": "ok"}
+    try:
+        import torch
+        torch.set_num_threads(int(job.get("threads") or 1))
+        torch.manual_seed(int(job.get("seed", 0)))
+        bench = importlib.import_module(job["module"]).BENCH if job.get("module") else load_bench(job["op"])
+        out["metrics"] = bench.child(job["engine"], job["size"], job.get("ctx") or {})
+    except Exception as exc:  # noqa: BLE001
+        out.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=8))
+    return out
+
+
+JOBS = {"time_group": measure_time_group, "run": measure_run, "case": measure_case}
+
+
+def run_job(job: dict) -> dict:
+    return JOBS[job.get("job", "case")](job)
+
+
 def _child_main(job: dict, conn) -> None:
     drop_repo_root_from_path()
+    if job.get("threads"):  # before torch's pools start (a forkserver child inherits the server's env)
+        os.environ["OMP_NUM_THREADS"] = str(job["threads"])
     try:
-        if job.get("job") == "time_group":
-            conn.send(measure_time_group(job))
-        else:
-            conn.send(measure_case(job))
+        conn.send(run_job(job))
     finally:
         conn.close()
 
 
-class ChildPool:
-    """Runs each case in a fresh process: forked from a forkserver that has already
-    imported torch (fast, clean heap) where available, else spawned."""
+def load_1min() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
-    def __init__(self, isolate: bool = True):
+
+def wait_for_idle(max_wait_s: float, busy_load: float | None = None, poll_s: float = 5.0) -> float | None:
+    """The idle check: before a child starts, wait (at most ``max_wait_s``) until the 1-minute
+    load falls below ``busy_load`` (default: half the cores); returns the load it starts at."""
+    busy = busy_load if busy_load is not None else 0.5 * (os.cpu_count() or 1)
+    deadline = time.monotonic() + max_wait_s
+    load = load_1min()
+    while load is not None and load >= busy and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        load = load_1min()
+    return load
+
+
+class ChildPool:
+    """The one pool: each job (an op case, a timing group, a run-scenario child) in a fresh
+    process, forked from a forkserver that has already imported torch (fast, clean heap) where
+    available, else spawned; an idle check before each job and a retry after a crash."""
+
+    def __init__(self, isolate: bool = True, idle_wait_s: float = 0.0):
         self.isolate = isolate
+        self.idle_wait_s = idle_wait_s
         self.ctx = None
         if isolate:
             methods = mp.get_all_start_methods()
             if "forkserver" in methods:
                 self.ctx = mp.get_context("forkserver")
                 # heavy imports done once in the server (missing ones are skipped by multiprocessing)
-                self.ctx.set_forkserver_preload(["torch", "rlfuse.kernels", "rlfuse.benchmarks.harness",
+                self.ctx.set_forkserver_preload(["torch", "rlfuse.kernels", "rlfuse.benchmarks.measure",
                                                  "rlfuse.benchmarks.baselines", "transformers", "peft",
                                                  "trl.kernels"])
             else:
@@ -346,16 +295,18 @@ class ChildPool:
     def run(self, case: dict, timeout: float = 900, retries: int = 1) -> dict:
         """Run ``case`` in a fresh child; a child that crashes (a signal, e.g. an extension
         rebuilt under it) is retried ``retries`` times, a timeout is not."""
+        load = wait_for_idle(self.idle_wait_s) if self.idle_wait_s else load_1min()
         result = self._run_once(case, timeout)
         while retries > 0 and result.get("crashed"):
             retries -= 1
             time.sleep(5)
             result = self._run_once(case, timeout)
+        result["load_at_start"] = load
         return result
 
     def _run_once(self, case: dict, timeout: float) -> dict:
         if not self.isolate:
-            return measure_time_group(case) if case.get("job") == "time_group" else measure_case(case)
+            return run_job(case)
         recv, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_child_main, args=(case, send), daemon=True)
         proc.start()

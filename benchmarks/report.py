@@ -1,9 +1,14 @@
-"""Reports of a benchmark run: results.json, results.md (ratio columns first), one PNG per
-op (time and peak extra memory vs size, fwd and fwd+bwd) and a rich table on the terminal."""
+"""The one reporter: JSON, markdown and PNG for both kinds of scenario, and the terminal table.
+
+* op scenarios: ``results.json``, ``results.md`` (ratio columns first), one PNG (time and peak
+  extra memory vs size, fwd and fwd+bwd) per scenario folder;
+* run scenarios: one JSON per measured size, ``results.md`` rebuilt from every JSON in the
+  folder (the scenario's ``columns``), one PNG (each engine's number per size)."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import json
 import math
 from pathlib import Path
@@ -380,4 +385,91 @@ def now_iso() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-__all__ = ["fmt_mem", "fmt_time", "markdown", "now_iso", "print_table", "write_all", "write_plots"]
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def combine(a: dict, b: dict) -> dict:
+    """Two op reports as one (for the terminal table)."""
+    out = dict(a)
+    for key in ("results", "ratios", "roofline", "targets", "ran_ops"):
+        out[key] = list(a.get(key, [])) + list(b.get(key, []))
+    out["ops"] = {**a.get("ops", {}), **b.get("ops", {})}
+    return out
+
+
+# --------------------------------------------------------------------------- run scenarios
+
+def brief(metrics: dict) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if isinstance(v, (int, float)))[:200]
+
+
+def write_run(out_dir: Path, bench, res: dict, plots: bool = True) -> list[Path]:
+    """Write ``res`` as ``<stem>.json`` and rebuild results.md (and the PNG) from every JSON here."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{bench.stem(res)}.json"
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    rows = []
+    for p in sorted(out_dir.glob("*.json")):
+        with _suppress():  # a file this scenario's columns cannot read (an older format) is left out
+            row = json.loads(p.read_text())
+            bench.columns(row)
+            rows.append(row)
+    rows.sort(key=lambda r: str(r.get("measured_at", "")))
+    md = out_dir / "results.md"
+    md.write_text(run_markdown(bench, rows))
+    written = [path, md]
+    if plots:
+        written += write_run_plot(out_dir / f"{bench.op}.png", bench, rows)
+    return written
+
+
+def run_markdown(bench, rows: list[dict]) -> str:
+    """The scenario's table: one row per result (its ``columns``), machine, load and date last."""
+    doc = inspect.cleandoc(bench.__doc__ or bench.title)
+    out = [f"# {bench.title}", "", doc, ""]
+    if not rows:
+        return "\n".join(out) + "\n"
+    cols = [h for h, _ in bench.columns(rows[-1])] + ["repeats", "load", "measured"]
+    out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = dict(bench.columns(r))
+        load = r.get("load_1min")
+        out.append("| " + " | ".join([*(str(cells.get(h, "-")) for h in cols[:-3]), str(r.get("repeats", "-")),
+                                      "-" if load is None else f"{load:.1f}", str(r.get("measured_at", "-"))]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_run_plot(path: Path, bench, rows: list[dict]) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return []
+    latest = {}
+    for r in rows:  # the latest result of each size, named by its file's stem
+        latest[bench.stem(r).removeprefix(bench.op + "-")] = r
+    values = {k: bench.plot_values(r) for k, r in latest.items()}
+    values = {k: v for k, v in values.items() if v}
+    if not values:
+        return []
+    engines = sorted({e for v in values.values() for e in v})
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(values) * max(1, len(engines))), 4.5))
+    width = 0.8 / max(1, len(engines))
+    for i, e in enumerate(engines):
+        ax.bar([j + i * width for j in range(len(values))], [v.get(e, 0) for v in values.values()], width, label=e)
+    ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(values))])
+    ax.set_xticklabels(list(values), rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(bench.plot_label)
+    ax.set_title(bench.title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+__all__ = ["fmt_mem", "fmt_time", "markdown", "now_iso", "print_table", "run_markdown", "write_all", "write_plots",
+           "write_run"]

@@ -130,3 +130,96 @@ def annotate(bench, size: dict, mode: str, time_s: float, device, bandwidth_gbps
         if peak and str(size.get("dtype", "")) in ("bfloat16", "float16"):
             out["tensor_core_fraction"] = flops / time_s / peak
     return out
+
+
+# --------------------------------------------------------------------------- the step's matmul floor
+
+class MatmulFloor:
+    """The floor of a whole run: its weight matmuls alone, at the run's own shapes.
+
+    ``with MatmulFloor(model, ...) as mf: run()`` counts, for every frozen base ``nn.Linear`` of
+    the models (LoRA's own small matrices and scalar heads left out) and for the LM head applied
+    through ``K.linear_logprobs``, how many calls saw how many rows, forward and backward (the
+    input gradient dX = dY W, counted when the input needs one; the base weights get no gradient).
+    ``floor()`` then times each (weight, rows) once more with ``F.linear`` on the real weights, in
+    model order (so weights stream from memory as in the run), best of two, and returns the
+    summed seconds and GFLOP. Attention scores, softmax, norms, optimiser, sampling and Python are
+    left out: it is the least time the run's matmuls need on this machine."""
+
+    def __init__(self, *models):
+        import torch
+        self.mods = [m for model in models for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and "lora_" not in n and m.out_features > 1]
+        self.calls: dict[tuple, int] = {}  # (module index or weight id, in, rows) -> calls (fwd + bwd)
+        self.head_weights: dict[int, object] = {}
+        self._handles, self._orig = [], None
+
+    def _count(self, key, n=1):
+        self.calls[key] = self.calls.get(key, 0) + n
+
+    def __enter__(self):
+        import rlfuse.kernels as K
+
+        def hook(mod, inp, out, i=None):
+            x = inp[0]
+            rows = x.numel() // max(1, x.shape[-1])
+            self._count((i, rows))
+            if x.requires_grad and out.requires_grad:
+                out.register_hook(lambda g, k=(i, rows): self._count(k))
+
+        for i, m in enumerate(self.mods):
+            self._handles.append(m.register_forward_hook(lambda mod, inp, out, i=i: hook(mod, inp, out, i)))
+        self._orig = K.linear_logprobs
+
+        def counted(hidden, weight, labels, *a, **kw):
+            self.head_weights[id(weight)] = weight
+            rows = hidden.numel() // max(1, hidden.shape[-1])
+            self._count((f"w{id(weight)}", rows), 2 if hidden.requires_grad else 1)
+            return self._orig(hidden, weight, labels, *a, **kw)
+
+        K.linear_logprobs = counted
+        return self
+
+    def __exit__(self, *exc):
+        import rlfuse.kernels as K
+        for h in self._handles:
+            h.remove()
+        K.linear_logprobs = self._orig
+        return False
+
+    def floor(self, scale: float = 1.0) -> dict:
+        """{"gflop", "floor_s"} of everything counted, times ``scale`` (e.g. 1 / steps)."""
+        import time
+
+        import torch
+        import torch.nn.functional as F
+
+        weights = {i: m.weight for i, m in enumerate(self.mods)}
+        weights.update({f"w{k}": w for k, w in self.head_weights.items()})
+        by_rows: dict[int, list] = {}
+        for (key, rows), n in self.calls.items():
+            by_rows.setdefault(rows, []).append((key, n))
+        seconds = gflop = 0.0
+        with torch.no_grad():
+            for rows, items in sorted(by_rows.items()):
+                items.sort(key=lambda kn: (isinstance(kn[0], str), kn[0] if isinstance(kn[0], int) else 0))
+                xs = {}
+                best = {}
+                for rep in range(2):
+                    for key, _n in items:
+                        w = weights[key].detach()
+                        x = xs.get((w.shape[1], w.dtype))
+                        if x is None:
+                            x = xs[w.shape[1], w.dtype] = torch.randn(rows, w.shape[1], dtype=w.dtype,
+                                                                      device=w.device)
+                        t0 = time.perf_counter()
+                        F.linear(x, w)
+                        if w.device.type == "cuda":
+                            torch.cuda.synchronize(w.device)
+                        best[key] = min(best.get(key, float("inf")), time.perf_counter() - t0)
+                    if rep == 0 and sum(best.values()) > 2.0:  # a long pass: one reading is enough
+                        break
+                for key, n in items:
+                    seconds += n * best[key]
+                    gflop += n * 2.0 * rows * weights[key].numel() / 1e9
+        return {"gflop": gflop * scale, "floor_s": seconds * scale}

@@ -1,10 +1,17 @@
-"""What a benchmark is: the op spec every ``bench_<op>.py`` fills in.
+"""What a benchmark is: the one :class:`Scenario` contract, in two kinds.
 
-Each benchmark module defines one :class:`OpBench` subclass instance called ``BENCH``: its
-size presets, its implementations (rlfuse first, then the baselines and the external
-peers), how to build inputs, how to run one implementation forward or forward+backward,
-the bytes (and FLOPs) the op must move at a size (its roofline floor, see ``roofline.py``)
-and its :class:`Target` s. Measuring lives in ``measure.py``, the verdicts in ``analysis.py``.
+* **op scenarios** (:class:`OpBench`, one ``bench_<op>.py`` each): sizes, implementations
+  (rlfuse first, then the baselines and the external peers), inputs, how to run one
+  implementation forward or forward+backward, the bytes (and FLOPs) the op must move (its
+  roofline floor, ``roofline.py``) and its :class:`Target` s;
+* **run scenarios** (:class:`RunScenario`): an end-to-end run. Engines A and B (and more), the
+  per-child function ``child(engine, size, ctx) -> metrics`` run in a fresh process per
+  (repeat, engine), interleaved, and ``summarize`` turning the runs into one result with the
+  columns of its markdown table.
+
+Every module named in :data:`SCENARIOS` defines ``BENCH`` (an instance of either kind). The
+runner (``runner.py``) executes both in one child pool (``measure.py``) and the reporter
+(``report.py``) writes ``benchmarks/results/<machine slug>/<scenario>/``.
 """
 
 from __future__ import annotations
@@ -13,14 +20,119 @@ import contextlib
 import importlib
 import math
 import re
+import statistics
 from dataclasses import dataclass
 
-OPS = ("logprobs", "linear_logprobs", "gae", "ppo_loss", "ppo_step")
-# benchmarks with their own command line, dispatched by ``rlfuse bench --ops NAME``: op -> module
-COMMAND_OPS = {"generate": "rlfuse.benchmarks.bench_generate", "e2e": "rlfuse.benchmarks.bench_e2e"}
+# scenario name -> module; op scenarios first (their order is the report's)
+SCENARIOS = {name: f"rlfuse.benchmarks.bench_{name}" for name in (
+    "logprobs", "linear_logprobs", "gae", "ppo_loss", "ppo_step",
+    "e2e", "generate", "scaling", "critic", "prefill_buckets", "memory", "trl_patch", "gpu_engine")}
+OPS = ("logprobs", "linear_logprobs", "gae", "ppo_loss", "ppo_step")  # the op scenarios
 PRESETS = ("quick", "full", "target", "gpu")
 MB = 1 << 20
 GB = 1 << 30
+
+
+class Scenario:
+    """What every scenario declares: a name, a title, size presets, the engines it compares."""
+
+    family = ""            # "op" or "run"
+    op = ""                # the scenario's name
+    title = ""
+    sizes_by_preset: dict[str, list[dict]] = {}
+    timeout_s = 600        # per child process
+    default_preset = "full"  # the preset of a plain ``rlfuse bench --scenarios NAME`` on CPU
+
+    def sizes(self, preset: str) -> list[dict]:
+        if preset not in self.sizes_by_preset:
+            raise ValueError(f"{self.op}: unknown size preset {preset!r}")
+        return [dict(s) for s in self.sizes_by_preset[preset]]
+
+    def default_size(self) -> dict:
+        """What explicit sizes fill their missing keys from: the first preset of target, full, gpu, quick."""
+        for preset in ("target", "full", "gpu", "quick"):
+            if self.sizes_by_preset.get(preset):
+                return dict(self.sizes_by_preset[preset][0])
+        return {}
+
+    def label(self, size: dict) -> str:
+        parts = []
+        for k, v in size.items():
+            if k == "dtype":
+                parts.append(str(v).replace("float", "fp").replace("bfloat16", "bf16"))
+            else:
+                parts.append(f"{k}={_human(v)}")
+        return " ".join(parts)
+
+
+class RunScenario(Scenario):
+    """An end-to-end run: each (repeat, engine) in a fresh child, engines interleaved and the
+    order reversed every other repeat. Subclasses fill ``engines``, ``child`` and ``columns``."""
+
+    family = "run"
+    engines: tuple[str, ...] = ()
+    repeats = 3                     # default repeats (a size's ``repeats`` key overrides it)
+    metrics: tuple[str, ...] = ()   # per-run numbers whose medians ``summarize`` keeps
+    plot_label = ""                 # the y axis of the scenario's PNG (``plot_values``)
+
+    def prepare(self, size: dict, workdir: str) -> dict:
+        """Once per size, in the parent (e.g. save the model both engines load): the ``ctx``
+        every child gets."""
+        return {}
+
+    def child(self, engine: str, size: dict, ctx: dict) -> dict:
+        """One run of ``engine`` in this (fresh) process -> its metrics."""
+        raise NotImplementedError
+
+    def unavailable(self, engine: str) -> str | None:
+        return None
+
+    def summarize(self, size: dict, runs: dict[str, list[dict]]) -> dict:
+        """The result of one size: medians per engine of ``metrics`` plus what ``finish`` adds."""
+        med = {e: {k: statistics.median(r[k] for r in rs if r.get(k) is not None)
+                   for k in self.metrics if any(r.get(k) is not None for r in rs)}
+               for e, rs in runs.items() if rs}
+        res = {"scenario": self.op, "size": size, "label": self.label(size), "median": med, "runs": runs}
+        res.update(self.finish(size, med))
+        return res
+
+    def finish(self, size: dict, med: dict[str, dict]) -> dict:
+        """Ratios and floors from the medians (e.g. speed-up of rlfuse over its peer)."""
+        return {}
+
+    def stem(self, res: dict) -> str:
+        """The result's JSON file name (without .json) in the scenario's folder."""
+        return f"{self.op}-" + re.sub(r"[^A-Za-z0-9.=,-]+", "", self.label(res["size"]).replace(" ", "-"))
+
+    def columns(self, res: dict) -> list[tuple[str, str]]:
+        """(header, cell) pairs of the result's row in the scenario's results.md."""
+        return [("size", res.get("label", "")), *((f"{e} {k}", _cell(v)) for e, m in res.get("median", {}).items()
+                                                 for k, v in m.items())]
+
+    def plot_values(self, res: dict) -> dict[str, float]:
+        """engine -> the number the scenario's PNG shows per engine (default: the first metric)."""
+        key = self.metrics[0] if self.metrics else None
+        return {e: m[key] for e, m in res.get("median", {}).items() if key in m}
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "-" if v is None else str(v)
+
+
+def fraction(floor_s, time_s) -> float | None:
+    return floor_s / time_s if floor_s and time_s else None
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def floor_cell(m: dict, time_key: str) -> str:
+    """An engine's matmul floor and the share of it its time reaches: '1.23 s (**45%**)'."""
+    floor = m.get("matmul_floor_s")
+    return "-" if floor is None else f"{floor:.3g} s (**{pct(fraction(floor, m.get(time_key)))}**)"
 
 
 # --------------------------------------------------------------------------- op specs
@@ -51,12 +163,11 @@ class Target:
     allowance_bytes: int = 0  # "max_extra_memory": memory the op must hold anyway (e.g. a weight gradient)
 
 
-class OpBench:
+class OpBench(Scenario):
     """Base class of one op's benchmark. Subclasses fill the class attributes and the
     ``setup`` / ``forward`` methods; ``make`` builds the callable that gets timed."""
 
-    op = ""
-    title = ""
+    family = "op"
     modes: tuple[str, ...] = ("fwd", "fwd+bwd")
     # "fwd" runs under torch.no_grad() (the scoring path: reference / old log-probs);
     # ops whose forward is only ever run for training set this False.
@@ -64,33 +175,11 @@ class OpBench:
     primary = "rlfuse"
     baselines: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
-    sizes_by_preset: dict[str, list[dict]] = {}
     targets: tuple[Target, ...] = ()
     x_key = "N"           # size key on the plots' x axis
     x_label = "tokens"
     # descriptions shown in reports (impl -> one line)
     descriptions: dict[str, str] = {}
-    # per-case child timeout multiplier (slow ops)
-    timeout_s = 600
-
-    # -- sizes
-    def sizes(self, preset: str) -> list[dict]:
-        if preset not in self.sizes_by_preset:
-            raise ValueError(f"{self.op}: unknown size preset {preset!r}")
-        return [dict(s) for s in self.sizes_by_preset[preset]]
-
-    def default_size(self) -> dict:
-        return dict(self.sizes_by_preset["target"][0])
-
-    def label(self, size: dict) -> str:
-        parts = []
-        for k, v in size.items():
-            if k == "dtype":
-                parts.append(str(v).replace("float", "fp").replace("bfloat16", "bf16"))
-            else:
-                parts.append(f"{k}={_human(v)}")
-        return " ".join(parts)
-
     def x_value(self, size: dict) -> float:
         return float(size.get(self.x_key, 0))
 
@@ -214,11 +303,14 @@ def random_normal(shape, device, dtype, *, seed: int = 0, scale: float = 1.0):
     return block.repeat(reps, 1)[:rows].reshape(shape).to(device)
 
 
-def load_bench(op: str) -> OpBench:
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; choose from {list(OPS)}")
-    module = importlib.import_module(f"rlfuse.benchmarks.bench_{op}")
-    return module.BENCH
+def load_bench(name: str) -> Scenario:
+    """The scenario called ``name`` (an op or a run scenario)."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; choose from {list(SCENARIOS)}")
+    return importlib.import_module(SCENARIOS[name]).BENCH
+
+
+load_scenario = load_bench
 
 
 def size_key(size: dict) -> tuple:

@@ -10,9 +10,9 @@ Both run the same step on the same model and batch: score (policy log-probs + va
 reference log-probs, reward) without grad, then one PPO update (forward, backward,
 optimizer step). Both train LoRA adapters, so the difference is the sharing alone.
 
-Each setup runs in a fresh subprocess so neither sees the other's allocations. On CUDA
-the number is ``torch.cuda.max_memory_allocated``; on CPU it is the peak RSS
-(``ru_maxrss``) minus the RSS after a warm-up step on the tiny preset (imports, one-off
+Each setup runs in a fresh subprocess so neither sees the other's allocations, measured by
+:class:`PeakMeter` (also the benchmarks' meter: ``rlfuse bench --scenarios memory`` runs
+``measure`` in its child pool) from after a warm-up step on the tiny preset (imports, one-off
 buffers), i.e. what the models and the step added.
 """
 
@@ -73,14 +73,63 @@ def same_count_on_every_rank(groups: list[list[int]], backbone) -> list[list[int
     return groups + [[] for _ in range(most - len(groups))]
 
 
-def _rss_bytes() -> int:
-    try:
-        import psutil
+class PeakMeter:
+    """Peak memory of the code between ``start()`` and ``peak_extra()``: the one meter of rlfuse's
+    measurements (``rlfuse memory``, every benchmark). CUDA: ``max_memory_allocated`` over what
+    was allocated at ``start()``. CPU: the peak RSS over the RSS at ``start()``, the kernel's
+    high-water mark reset there (``/proc/self/clear_refs``, after ``release_memory`` so freed heap
+    pages are not silently reused) and read with the resets the engine's per-phase meter
+    (``metrics.MemoryPhases``) makes in between folded in; where the mark cannot be reset,
+    ``ru_maxrss`` (the process's lifetime peak) and ``exact`` is False."""
 
-        return psutil.Process().memory_info().rss
-    except ImportError:  # Linux fallback
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.exact = self.cuda or _can_reset_peak()
+        self.method = ("torch.cuda.max_memory_allocated - allocated at start" if self.cuda else
+                       "VmHWM reset via /proc/self/clear_refs" if self.exact else "ru_maxrss (approximate)")
+        self.base = 0
+
+    def now(self) -> int:
+        """Bytes resident now (CPU, after a collection and malloc_trim) or allocated (CUDA)."""
+        from .metrics import rss_mb
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        release_memory()
+        return int(rss_mb() * 2**20)
+
+    def start(self) -> int:
+        """Start counting here; returns the bytes held now (the base)."""
+        from . import metrics
+
+        self.base = self.now()
+        metrics._PROCESS_PEAK[0] = 0.0  # the peak counts from here, not from the process's start
+        metrics.reset_peak_memory(self.device)
+        return self.base
+
+    def peak(self) -> int:
+        """Peak bytes since ``start()`` (absolute, base included)."""
+        from .metrics import process_peak_rss_mb
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return int(process_peak_rss_mb() * 2**20)
+
+    def peak_extra(self) -> int:
+        return max(0, self.peak() - self.base)
+
+
+def _can_reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        with open("/proc/self/status") as fh:
+            return "VmHWM" in fh.read()
+    except OSError:
+        return False
 
 
 def _fake_rollout(tokenizer, batch_size: int, seq_len: int, device):
@@ -179,20 +228,10 @@ def measure(mode: str, *, model: str = "tiny", device: str = "cpu", batch_size: 
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step(cfg, device, batch_size, seq_len)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from .metrics import peak_memory_mb, reset_peak_memory
-
-    release_memory()
-    base = _rss_bytes()
-    # the peak of the measured step only: on Linux the high-water mark is reset to the current RSS
-    # here, so an earlier transient (imports, warm-up) cannot stand in for the step's own peak
-    reset_peak_memory(device)
+    meter = PeakMeter(device)
+    meter.start()
     step(cfg, device, batch_size, seq_len)
-    return int(peak_memory_mb(device) * 2**20) - base
+    return meter.peak_extra()
 
 
 def compare_memory(model: str = "tiny-small", *, device: str = "auto", batch_size: int = 4, seq_len: int = 128,

@@ -1,5 +1,5 @@
 """The benchmark suite's own machinery: roofline fields, machine-kind targets, the report's
-roofline table, the op specs' byte counts and ``rlfuse bench --ops generate|e2e`` dispatch."""
+roofline table, the op specs' byte counts and ``rlfuse bench --ops generate|e2e`` selection."""
 
 import sys
 import types
@@ -108,25 +108,27 @@ def test_logprobs_bytes_are_three_logits_passes_with_backward():
     assert bench.bytes_moved(size, "fwd+bwd") == 3 * logits + 2 * 4096 * 12
 
 
-def test_bench_ops_generate_and_e2e_dispatch(monkeypatch, capsys):
-    seen = {}
-    for op, module in (("generate", "rlfuse.benchmarks.bench_generate"), ("e2e", "rlfuse.benchmarks.bench_e2e")):
-        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(main=lambda argv: seen.setdefault("a", argv) and 0))
-        assert runner.main(["--quick", "--ops", op, "--steps", "2"]) == 0
-        assert seen.pop("a") == ["--quick", "--steps", "2"]
-        monkeypatch.setitem(sys.modules, module, None)  # as if H1's module were absent
-        assert runner.main([f"--ops={op}"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"--ops {op} needs {module}.main" in err[0]
-    with pytest.raises(SystemExit, match="runs alone"):
-        runner.main(["--ops", "gae,e2e"])
+def test_bench_ops_generate_and_e2e_select_their_scenarios(capsys):
+    # --ops is an alias of --scenarios; generate and e2e are run scenarios with their own sizes
+    for op in ("generate", "e2e"):
+        assert runner.main(["--quick", "--ops", op, "--list"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{op} ") and " run " in out.splitlines()[0] and "quick: model=" in out
+    preset, sizes = runner.resolve_sizes(["e2e:model=smollm2,P=8"], ["e2e"], "full")
+    assert preset == "custom" and sizes["e2e"][0]["model"] == "smollm2" and sizes["e2e"][0]["P"] == 8
+    assert sizes["e2e"][0]["L"] == load_bench("e2e").default_size()["L"]  # the rest from the default
+    assert runner.main(["--ops", "gae,no_such_scenario"]) == 2
 
 
-def test_harness_still_exports_the_old_names():
-    from rlfuse.benchmarks import harness
-    for name in ("OpBench", "Target", "random_normal", "run_benchmark", "current_memory", "device_copy_bandwidth",
-                 "measure_case", "ChildPool", "ratio_rows", "evaluate_targets", "machine_info", "_size_key"):
-        assert hasattr(harness, name), name
+def test_the_old_harness_names_live_in_their_modules():
+    from rlfuse.benchmarks import analysis, machine, measure, pytest_bridge, spec
+    homes = {spec: ("OpBench", "Target", "random_normal", "load_bench", "size_key", "OPS", "PRESETS"),
+             pytest_bridge: ("run_benchmark",), roofline: ("device_copy_bandwidth",),
+             measure: ("current_memory", "measure_case", "ChildPool"),
+             analysis: ("ratio_rows", "evaluate_targets"), machine: ("machine_info",)}
+    for module, names in homes.items():
+        for name in names:
+            assert hasattr(module, name), (module.__name__, name)
 
 
 def test_gpu_check_dry_run_writes_the_summary_and_names_each_skip(tmp_path):
