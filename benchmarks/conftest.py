@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from . import analysis
+from . import analysis, report
 from .machine import drop_repo_root_from_path
 from .pytest_bridge import PYTEST_RESULTS
 from .spec import OPS, load_bench
@@ -88,26 +88,13 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    results = PYTEST_RESULTS
-    if not results:
+    if not PYTEST_RESULTS:
         return
-    tr = terminalreporter
-    ratios = analysis.ratio_rows(results)
-    tr.write_sep("=", "rlfuse vs baselines (time: baseline/rlfuse, >1 = rlfuse faster; "
-                      "memory: rlfuse/baseline peak extra, <1 = rlfuse smaller)")
-    for r in ratios:
-        mem = "   n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:6.3f}"
-        tr.write_line(f"{r['speedup']:7.2f}x  mem {mem}  {r['op']:<16} {r['label']:<28} "
-                      f"{r['mode']:<8} vs {r['baseline']}")
-    floors = analysis.roofline_rows(results)
-    if floors:
-        tr.write_sep("-", "fraction of the memory-bandwidth floor (bytes the op must move / measured copy GB/s)")
-        for r in floors:
-            tr.write_line(f"{r['floor_fraction']:7.0%}  floor {r['floor_s'] * 1e3:8.2f} ms  {r['op']:<16} "
-                          f"{r['label']:<28} {r['mode']:<8} {r['impl']}")
+    ratios = analysis.ratio_rows(PYTEST_RESULTS)
     targets = [t for name in OPS for t in load_bench(name).targets]
-    evaluated = [e for e in analysis.evaluate_targets(targets, ratios, results) if e["status"] != "not measured"]
-    if evaluated:
-        tr.write_sep("-", "foundation targets")
-        for e in evaluated:
-            tr.write_line(f"[{e['status']}] {e['text']}: {e['detail']}")
+    data = {"results": PYTEST_RESULTS, "ratios": ratios, "roofline": analysis.roofline_rows(PYTEST_RESULTS),
+            "targets": analysis.evaluate_targets(targets, ratios, PYTEST_RESULTS),
+            "ran_ops": sorted({r["op"] for r in PYTEST_RESULTS})}
+    terminalreporter.write_sep("=", "rlfuse vs baselines")
+    for line in report.summary_lines(data):
+        terminalreporter.write_line(line)

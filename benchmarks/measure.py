@@ -61,9 +61,9 @@ class TimingPolicy:
         return cls()
 
 
-def time_and_memory(fn, device, policy: TimingPolicy, memory_base: int | None = None) -> dict:
-    """Warm up once, then one call measured for both time and peak extra memory, then more
-    timed calls until ``policy`` is satisfied."""
+def time_and_memory(fn, device, memory_base: int | None = None) -> dict:
+    """Warm up once, then one call measured for both time and peak extra memory (the timing
+    proper is the interleaved group's, ``measure_time_group``)."""
     t0 = time.perf_counter()
     fn()
     sync(device)
@@ -73,27 +73,11 @@ def time_and_memory(fn, device, policy: TimingPolicy, memory_base: int | None = 
     t0 = time.perf_counter()
     fn()
     sync(device)
-    times = [time.perf_counter() - t0]
+    elapsed = time.perf_counter() - t0
     peak = meter.peak_extra()
     if memory_base is not None:  # count from an earlier point (e.g. before the models were built)
         peak += max(0, meter.base - memory_base)
-    want = policy.slow_reps if times[0] > policy.slow_s else policy.min_reps
-    while len(times) < policy.max_reps and (len(times) < want or sum(times) < policy.min_time_s):
-        if times[0] > policy.slow_s and len(times) >= want:
-            break
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return {
-        "time_s": statistics.median(times),
-        "time_min_s": min(times),
-        "time_max_s": max(times),
-        "reps": len(times),
-        "warmup_s": warmup,
-        "peak_extra_bytes": int(peak),
-        "memory_method": meter.method,
-    }
+    return {"time_s": elapsed, "warmup_s": warmup, "peak_extra_bytes": int(peak), "memory_method": meter.method}
 
 
 # --------------------------------------------------------------------------- one case
@@ -117,7 +101,6 @@ def measure_case(case: dict) -> dict:
         if case.get("threads"):
             torch.set_num_threads(int(case["threads"]))
         torch.manual_seed(int(case.get("seed", 0)))
-        policy = TimingPolicy(**case["policy"]) if case.get("policy") else TimingPolicy()
         inp = bench.setup_for(case["impl"], case["size"], device)
         result["input_bytes"] = int(bench.input_bytes(inp))
         if bench.kind(case["impl"]) == "rlfuse":
@@ -126,7 +109,7 @@ def measure_case(case: dict) -> dict:
             if mode not in bench.modes_for(case["impl"]):
                 continue
             fn = bench.make(case["impl"], inp, mode, case.get("backend", "auto"))
-            m = time_and_memory(fn, device, policy, memory_base=inp.get("_memory_base"))
+            m = time_and_memory(fn, device, memory_base=inp.get("_memory_base"))
             m.update(bench.extras(case["impl"], inp, mode, m["time_s"], device))
             result["modes"][mode] = m
             del fn
@@ -138,7 +121,6 @@ def measure_case(case: dict) -> dict:
 
 
 COPY = "__copy__"  # the roofline's copy probe among a timing group's implementations
-MEMORY_ONLY = dict(min_time_s=0.0, min_reps=1, max_reps=1, slow_s=0.0, slow_reps=1)
 
 
 def measure_time_group(group: dict) -> dict:

@@ -10,7 +10,7 @@ import gc
 import time
 
 from . import roofline
-from .measure import MEMORY_ONLY, ChildPool, sync
+from .measure import ChildPool, sync
 from .spec import MB, _impl_backend, load_bench, size_key
 
 PYTEST_RESULTS: list[dict] = []   # filled by run_benchmark, summarised by conftest
@@ -61,7 +61,7 @@ def run_benchmark(benchmark, case: dict) -> None:
     if case.get("memory", True):
         if _POOL is None:
             _POOL = ChildPool(isolate=True)
-        child = dict(case, modes=[case["mode"]], policy=MEMORY_ONLY)
+        child = dict(case, modes=[case["mode"]])
         res = _POOL.run(child, timeout=bench.timeout_s)
         m = res.get("modes", {}).get(case["mode"])
         if m is not None:

@@ -337,48 +337,28 @@ def rows_label(rows, key) -> str:
 
 # --------------------------------------------------------------------------- terminal
 
-def print_table(data: dict, console=None) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # plain fallback
-        print(markdown(data))
-        return
-    if console is None:
-        import shutil
-        console = Console(width=max(150, shutil.get_terminal_size((150, 40)).columns))
-    table = Table(title=f"rlfuse vs baselines - {data['slug']} (backend {data['config'].get('backend_resolved')})",
-                  show_lines=False)
-    for name, just in (("time ratio\n(base/rlfuse)", "right"), ("mem ratio\n(rlfuse/base)", "right"),
-                       ("op", "left"), ("size", "left"), ("mode", "left"), ("vs", "left"),
-                       ("rlfuse", "right"), ("baseline", "right"), ("rlfuse mem", "right"), ("base mem", "right")):
-        table.add_column(name, justify=just)
-    ran = set(data.get("ran_ops", data["ops"]))
+def summary_lines(data: dict) -> list[str]:
+    """The run in a few lines: rlfuse's ratio against each baseline, the targets' verdicts, each
+    rlfuse row's share of the bandwidth floor and what failed (``rlfuse bench`` and pytest's summary)."""
+    ran = set(data.get("ran_ops", data.get("ops", ())))
+    out = ["time ratio = baseline / rlfuse (>1: rlfuse faster); memory ratio = rlfuse / baseline peak extra"]
     for r in data.get("ratios", []):
-        if r["op"] not in ran:
-            continue
-        sp = r["speedup"]
-        color = "green" if sp >= 1 else "red"
-        mr = r["memory_ratio"]
-        mcolor = "green" if mr is not None and mr <= 1 else "red"
-        table.add_row(f"[{color}]{fmt_speed(sp)}[/]", f"[{mcolor}]{fmt_memratio(mr)}[/]", r["op"], r["label"],
-                      r["mode"], r["baseline"], fmt_time(r["rlfuse_time_s"]), fmt_time(r["baseline_time_s"]),
-                      fmt_mem(r["rlfuse_peak_extra_bytes"]), fmt_mem(r["baseline_peak_extra_bytes"]))
-    console.print(table)
-    for t in data.get("targets", []):
-        if t["status"] == "not measured" or t["op"] not in ran:
-            continue
-        color = "green" if t["status"] == "PASS" else "red"
-        console.print(f"[{color}][{t['status']}][/] {t['text']}: {t.get('detail', '')}")
-    for r in data.get("roofline", []):
-        if r["primary"] and r["op"] in ran:
-            console.print(f"roofline: {r['op']} {r['label']} {r['mode']}: {fmt_fraction(r['floor_fraction'])} of the "
-                          f"bandwidth floor ({fmt_time(r['time_s'])} vs {fmt_time(r['floor_s'])} at "
-                          f"{r['copy_gbps']:.1f} GB/s)")
-    bad = [r for r in data["results"] if r["status"] != "ok" and r["op"] in ran]
-    for r in bad:
-        console.print(f"[yellow]{r['status']}[/] {r['op']} {r.get('label', '')} {r['impl']}: "
-                      f"{r.get('reason') or r.get('error')}")
+        if r["op"] in ran:
+            out.append(f"{fmt_speed(r['speedup']):>8}  mem {fmt_memratio(r['memory_ratio']):>6}  {r['op']:<16} "
+                       f"{r['label']:<28} {r['mode']:<8} vs {r['baseline']} ({fmt_time(r['rlfuse_time_s'])} vs "
+                       f"{fmt_time(r['baseline_time_s'])})")
+    out += [f"[{t['status']}] {t['text']}: {t.get('detail', '')}" for t in data.get("targets", [])
+            if t["status"] != "not measured" and t["op"] in ran]
+    out += [f"roofline: {r['op']} {r['label']} {r['mode']} {r['impl']}: {fmt_fraction(r['floor_fraction'])} of the "
+            f"bandwidth floor ({fmt_time(r['time_s'])} vs {fmt_time(r['floor_s'])})"
+            for r in data.get("roofline", []) if r["primary"] and r["op"] in ran]
+    out += [f"{r['status']}: {r['op']} {r.get('label', '')} {r['impl']}: {r.get('reason') or r.get('error')}"
+            for r in data.get("results", []) if r["status"] != "ok" and r["op"] in ran]
+    return out
+
+
+def print_table(data: dict) -> None:
+    print("\n".join(summary_lines(data)), flush=True)
 
 
 def now_iso() -> str:

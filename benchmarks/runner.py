@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-isolate", action="store_true",
                    help="run every op case in this process (faster start; memory numbers less clean)")
-    p.add_argument("--no-progress", action="store_true", help="plain progress lines")
+    p.add_argument("--no-progress", action="store_true", help="(kept for old scripts: progress is plain lines)")
     return p
 
 
@@ -190,7 +190,7 @@ def run_ops(ops, sizes, preset, args, pool, device, backend, info, root) -> int:
             impls[1:1] = extra_impls
         for size in sizes[op]:
             cases = [dict(op=op, size=size, impl=impl, modes=modes, device=device, backend=backend,
-                          threads=args.threads, seed=0, policy=measure.MEMORY_ONLY, label=bench.label(size))
+                          threads=args.threads, seed=0, label=bench.label(size))
                      for impl in impls
                      if (modes := [m for m in bench.modes_for(impl) if not args.modes or m in args.modes])]
             if cases:
@@ -301,34 +301,21 @@ def run_scenario(bench, sizes, args, pool, device, info, out_dir) -> int:
 
 
 class _progress:
-    """A rich progress bar, plain lines as the fallback (``disable``: plain lines)."""
+    """Progress lines: ``advance(desc, None)`` before a child, ``advance(desc, n)`` after it."""
 
     def __init__(self, total: int, disable: bool = False):
-        self.total, self.disable, self._bar, self._done = total, disable, None, 0
+        self.total, self._done = total, 0
 
     def __enter__(self):
-        if not self.disable:
-            try:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                           TimeRemainingColumn)
-                self._bar = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"))
-                self._bar.__enter__()
-                self._task = self._bar.add_task("", total=self.total)
-                return lambda desc, n: self._bar.update(self._task, description=desc, advance=n or 0)
-            except ImportError:
-                pass
-        return self._plain
+        return self._advance
 
-    def _plain(self, desc, n):
+    def _advance(self, desc, n):
         if n is None:
             print(f"  [{time.strftime('%H:%M:%S')}] {self._done + 1}/{self.total} {desc}", flush=True)
         else:
             self._done += n
 
     def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
         return False
 
 
