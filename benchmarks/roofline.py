@@ -142,7 +142,7 @@ class MatmulFloor:
     through ``K.linear_logprobs``, how many calls saw how many rows, forward and backward (the
     input gradient dX = dY W, counted when the input needs one; the base weights get no gradient).
     ``floor()`` then times each (weight, rows) once more with ``F.linear`` on the real weights, in
-    model order (so weights stream from memory as in the run), best of two, and returns the
+    model order (so weights stream from memory as in the run), best of three, and returns the
     summed seconds and GFLOP. Attention scores, softmax, norms, optimiser, sampling and Python are
     left out: it is the least time the run's matmuls need on this machine."""
 
@@ -205,7 +205,7 @@ class MatmulFloor:
                 items.sort(key=lambda kn: (isinstance(kn[0], str), kn[0] if isinstance(kn[0], int) else 0))
                 xs = {}
                 best = {}
-                for rep in range(2):
+                for rep in range(3):
                     for key, _n in items:
                         w = weights[key].detach()
                         x = xs.get((w.shape[1], w.dtype))
