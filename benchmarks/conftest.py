@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import pytest
 
-from . import analysis, report
-from .machine import drop_repo_root_from_path
-from .pytest_bridge import PYTEST_RESULTS
-from .spec import OPS, load_bench
+from rlfuse.benchmarks import analysis, report
+from rlfuse.benchmarks.machine import drop_repo_root_from_path
+from rlfuse.benchmarks.pytest_bridge import PYTEST_RESULTS
+from rlfuse.benchmarks.spec import OPS, load_bench
 
 
 def pytest_collection_finish(session):
@@ -43,12 +43,27 @@ def pytest_addoption(parser):
                     help="skip the child-process peak-memory measurement")
 
 
+class _BenchModule(pytest.Module):
+    """A ``bench_*.py`` file collected as the installed ``rlfuse.benchmarks.<name>`` (its relative
+    imports need the package; pytest's default import mode would import it as a top-level file)."""
+
+    def _getobj(self):
+        import importlib
+        return importlib.import_module(f"rlfuse.benchmarks.{self.path.stem}")
+
+
 def pytest_collect_file(file_path, parent):
-    # bench_*.py do not match python_files; collect them here unless named on the command
-    # line (pytest collects explicitly named files itself).
+    # bench_*.py do not match python_files; collect them here unless named on the command line
+    # (pytest collects explicitly named files itself, through the hook below)
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") \
             and not parent.session.isinitpath(file_path):
-        return pytest.Module.from_parent(parent, path=file_path)
+        return _BenchModule.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name.startswith("bench_"):
+        return _BenchModule.from_parent(parent, path=module_path)
     return None
 
 
