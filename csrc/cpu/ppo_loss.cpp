@@ -221,10 +221,11 @@ RLFUSE_INLINE void token(const PpoArgs& c, const float* __restrict logp, const f
   const float wi = w[i];
   const float ms = wi * c.w_scale;
   const float lp = logp[i];
-  // log_ratio_clamp as selects (gradient 0 where clamped; NaN stays NaN), like kl_clamp below
-  const float raw_log_ratio = lp - old_logp[i];
-  const bool ratio_stops = (raw_log_ratio > c.lr_max) | (raw_log_ratio < -c.lr_max);
-  const float log_ratio = raw_log_ratio > c.lr_max ? c.lr_max : (raw_log_ratio < -c.lr_max ? -c.lr_max : raw_log_ratio);
+  // log_ratio_clamp as single selects like kl_clamp below (gradient 0 where clamped; NaN stays NaN)
+  float log_ratio = lp - old_logp[i];
+  const bool lr_above = log_ratio > c.lr_max, lr_below = log_ratio < -c.lr_max;
+  log_ratio = lr_above ? c.lr_max : log_ratio;
+  log_ratio = lr_below ? -c.lr_max : log_ratio;
   const float ratio = fast_exp(log_ratio);
   const float A = adv[i];
   const float unclipped = -A * ratio;
@@ -233,7 +234,9 @@ RLFUSE_INLINE void token(const PpoArgs& c, const float* __restrict logp, const f
   const float clipped = -A * rc;
   const bool take = unclipped >= clipped;
   float pg = take ? unclipped : clipped;
-  float g = take & !ratio_stops ? unclipped : 0.0f;
+  float g = take ? unclipped : 0.0f;
+  g = lr_above ? 0.0f : g;
+  g = lr_below ? 0.0f : g;
   if (DUAL) {
     const float cap = -A * c.dual;
     const bool capped = (A < 0.0f) & (pg > cap);
@@ -257,10 +260,13 @@ RLFUSE_INLINE void token(const PpoArgs& c, const float* __restrict logp, const f
       dk = 1.0f - e;
     }
     if (KST) dk = d;
-    // kl_clamp as selects, not a branch (a branch stops the loop vectorising); NaN stays NaN
-    const bool outside = (kl > c.kl_max) | (kl < -c.kl_max);
-    kl = kl > c.kl_max ? c.kl_max : (kl < -c.kl_max ? -c.kl_max : kl);
-    dk = outside ? 0.0f : dk;
+    // kl_clamp as single selects, not a branch nor a combined or nested condition (either stops
+    // gcc vectorising the loop: tests/test_ops_ppo_loss_vectorised.py); NaN stays NaN
+    const bool above = kl > c.kl_max, below = kl < -c.kl_max;
+    dk = above ? 0.0f : dk;
+    dk = below ? 0.0f : dk;
+    kl = above ? c.kl_max : kl;
+    kl = below ? -c.kl_max : kl;
     total = total + c.kl_coef * kl;
     g = g + c.kl_coef * dk;
   }
