@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
@@ -123,13 +122,15 @@ class PeakMeter:
 
 
 def _can_reset_peak() -> bool:
+    """Whether this kernel lets ``metrics.reset_peak_memory`` reset the RSS high-water mark."""
+    from .metrics import _proc_status_mb
+
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        with open("/proc/self/status") as fh:
-            return "VmHWM" in fh.read()
     except OSError:
         return False
+    return _proc_status_mb("VmHWM") is not None
 
 
 def _fake_rollout(tokenizer, batch_size: int, seq_len: int, device):
