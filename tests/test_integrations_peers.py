@@ -20,11 +20,8 @@ from rlfuse.integrations import trl as rtrl
 from rlfuse.integrations.loss import PEER_PRESETS
 
 
-def _need(module: str, extra: str = "peers"):
-    try:
-        return pytest.importorskip(module, reason=f"{module} is not installed (pip install -e '.[{extra}]')")
-    except pytest.skip.Exception:
-        raise
+def _need(module: str):
+    return pytest.importorskip(module, reason=f"{module} is not installed (the peers extra: pip install -e '.[peers]')")
 
 
 def _truth_logp(logits, index, temperature=1.0):
@@ -396,16 +393,23 @@ def test_openrlhf_log_probs_contract(dtype):
     log_softmax in bf16, bf16 out — ours rounds the float32 result once, no further from the truth."""
     logits = _logits((4, 9, 211), dtype, seed=31)
     labels = torch.randint(0, 211, (4, 9), generator=torch.Generator().manual_seed(32))
-    theirs = torch.log_softmax(logits / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
-    before = logits.clone()
-    ours = openrlhf.log_probs_from_logits(logits, labels, temperature=0.7)
-    assert torch.equal(logits, before)  # OpenRLHF divides in place; we never do
+    their_leaf = logits.clone().requires_grad_()
+    theirs = torch.log_softmax(their_leaf / 0.7, -1).gather(-1, labels[..., None]).squeeze(-1)
+    leaf = logits.clone().requires_grad_()
+    ours = openrlhf.log_probs_from_logits(leaf, labels, temperature=0.7)
+    assert torch.equal(leaf.detach(), logits)  # OpenRLHF divides in place; we never do
     assert ours.dtype == theirs.dtype == dtype
     truth = _truth_logp(logits, labels, 0.7)
+    w = torch.randn(ours.shape, generator=torch.Generator().manual_seed(33))
+    (ours.float() * w).sum().backward()
+    (theirs.float() * w).sum().backward()
+    assert leaf.grad.dtype == their_leaf.grad.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(leaf.grad, their_leaf.grad, rtol=1e-5, atol=1e-6)
     else:
         assert (ours.double() - truth).abs().max() <= (theirs.double() - truth).abs().max() + 1e-6
+        torch.testing.assert_close(leaf.grad.float(), their_leaf.grad.float(), rtol=0.05, atol=0.01)
 
 
 # ----------------------------------------------------------------------------------------

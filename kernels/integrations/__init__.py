@@ -8,7 +8,12 @@ Drop-ins (same signatures and semantics as the originals; see docs/integrations.
 * verl: :func:`logprobs_from_logits`, :func:`compute_gae_advantage_return`
   (``rlfuse.integrations.verl`` also has verl's ``entropy_from_logits``);
 * OpenRLHF: :func:`log_probs_from_logits`;
-* any loop: :class:`FusedLinearPPOLoss` (alias ``FusedLinearGRPOLoss``).
+* any loop: :class:`FusedLinearPPOLoss` (alias ``FusedLinearGRPOLoss``), with every
+  aggregation of ``K.ppo_loss`` under the peers' names too and ``peer="verl"|"trl"|"openrlhf"``
+  presets of their defaults.
+
+Each drop-in returns the dtype the function it replaces returns on the peer's default path;
+``out_dtype=`` asks for the other (docs/integrations.md, "Output dtypes").
 
 Importing this package needs only torch and rlfuse.kernels; TRL is imported by ``patch()``.
 """
