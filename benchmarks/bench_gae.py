@@ -39,9 +39,6 @@ class GaeBench(OpBench):
                "GPU: gae >= 100x faster than the Python loop (B=512, T=2048)", device="cuda"),
     )
 
-    def x_value(self, size):
-        return float(size["B"] * size["T"])
-
     x_label = "tokens B x T"
 
     def setup(self, size, device):

@@ -42,11 +42,6 @@ def copy_bandwidth(device, *, refresh: bool = False) -> float:
     return _BANDWIDTH[key]
 
 
-def device_copy_bandwidth(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Backward-compatible name of :func:`copy_bandwidth` (GB/s, read + write)."""
-    return copy_bandwidth(device)
-
-
 def _cuda_copy(device, nbytes: int = 1 << 30, reps: int = 10) -> float:
     import torch
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -180,9 +180,6 @@ class OpBench(Scenario):
     x_label = "tokens"
     # descriptions shown in reports (impl -> one line)
     descriptions: dict[str, str] = {}
-    def x_value(self, size: dict) -> float:
-        return float(size.get(self.x_key, 0))
-
     # -- implementations
     def impls(self) -> tuple[str, ...]:
         return (self.primary, *self.baselines, *self.peers)
@@ -222,9 +219,6 @@ class OpBench(Scenario):
     def input_bytes(self, inp: dict) -> int:
         import torch
         return sum(t.numel() * t.element_size() for t in inp.values() if isinstance(t, torch.Tensor))
-
-    def memory_note(self) -> str:
-        return ""
 
     # -- roofline (roofline.py): the least the op must do at ``size`` in ``mode``
     def bytes_moved(self, size: dict, mode: str) -> int | None:

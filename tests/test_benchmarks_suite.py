@@ -123,7 +123,7 @@ def test_bench_ops_generate_and_e2e_select_their_scenarios(capsys):
 def test_the_old_harness_names_live_in_their_modules():
     from rlfuse.benchmarks import analysis, machine, measure, pytest_bridge, spec
     homes = {spec: ("OpBench", "Target", "random_normal", "load_bench", "size_key", "OPS", "PRESETS"),
-             pytest_bridge: ("run_benchmark",), roofline: ("device_copy_bandwidth",),
+             pytest_bridge: ("run_benchmark",), roofline: ("copy_bandwidth",),
              measure: ("current_memory", "measure_case", "ChildPool"),
              analysis: ("ratio_rows", "evaluate_targets"), machine: ("machine_info",)}
     for module, names in homes.items():
