@@ -301,9 +301,10 @@ def cpu_bf16_flags() -> list[str]:
 def cpu_bf16_is_faster() -> tuple[bool, str]:
     """Whether this CPU multiplies bf16 faster than float32, and why. AMX-BF16: tile products, many
     times the fp32 rate. AVX512-BF16 on AMD Zen 4/5: one vdpbf16ps does the work of two fp32 FMAs
-    there. AVX512-BF16 on Intel without AMX (Cooper Lake, or a VM that hides AMX): vdpbf16ps issues
-    at half the FMA rate, so the peaks are equal; measured on such a Xeon, bf16 F.linear ran at
-    0.5-0.8x float32 and a SmolLM2 GRPO step slower (benchmarks/results/cpu-intel-xeon-2c/bf16-*.md)."""
+    there. AVX512-BF16 on Intel without AMX (Cooper Lake, or a VM that hides AMX): measured on such
+    a Xeon, one core's vdpbf16ps loop reached 43-50 GFLOP/s against 109-173 for fp32 FMAs, bf16
+    F.linear 0.66-0.79x float32 and a SmolLM2 GRPO step 0.73x (CPU time;
+    benchmarks/results/cpu-intel-xeon-2c/bf16.md)."""
     vendor, flags = cpu_info()
     if "amx_bf16" in flags:
         return True, "this CPU has amx_bf16"
