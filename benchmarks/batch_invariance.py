@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 
+ADAPTER_SCALE = [0.3]  # std of the random LoRA weights (--adapter-scale)
+
+
 def _backbone(model: str, dtype: str, grad_ckpt: bool = False):
     from rlfuse.engine.backbone import load_backbone
     from rlfuse.engine.config import ModelConfig
@@ -33,7 +36,7 @@ def _backbone(model: str, dtype: str, grad_ckpt: bool = False):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # a trained-looking adapter: LoRA B is zero at init
         for p in bb.adapter_parameters("policy"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            p.copy_(torch.randn(p.shape, generator=g) * ADAPTER_SCALE[0])
     return bb
 
 
@@ -111,9 +114,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--L", type=int, default=24)
     ap.add_argument("--micro-batch", type=int, default=2, help="rows per update forward (cuts the prompt groups)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adapter-scale", type=float, default=0.3,
+                    help="std of the random LoRA weights (LoRA B starts at 0: a policy after some training)")
     ap.add_argument("--out", default=None, help="folder for batch-invariance-<model>.json / .md")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    ADAPTER_SCALE[0] = a.adapter_scale
     from .machine import cpu_model
 
     name = a.model
@@ -121,7 +127,7 @@ def main(argv=None) -> dict:
         from .baselines import smollm2_dir
 
         a.model = smollm2_dir()
-    res = {"model": name, "P": a.P, "G": a.G, "L": a.L, "micro_batch": a.micro_batch, "cpu": cpu_model(),
+    res = {"model": name, "adapter_scale": a.adapter_scale, "P": a.P, "G": a.G, "L": a.L, "micro_batch": a.micro_batch, "cpu": cpu_model(),
            "threads": a.threads, "load_1min": os.getloadavg()[0],
            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     # share None: the prefix-sharing rule decided per batch (before issue 22); True: PPO's rule
@@ -131,7 +137,7 @@ def main(argv=None) -> dict:
         res[f"{dt}/share={share}"] = measure(a.model, dt, a.P, a.G, a.L, a.micro_batch, share)
     head = " | ".join(f"{'fp32' if dt == 'float32' else 'bf16'} {'per batch' if share is None else 'per run'}"
                       for dt, share in cols)
-    lines = [f"Batch invariance, {name}, P={a.P} G={a.G} L={a.L} ({res['cpu']}, {a.threads} thread, "
+    lines = [f"Batch invariance, {name}, P={a.P} G={a.G} L={a.L}, random LoRA weights of std {a.adapter_scale} ({res['cpu']}, {a.threads} thread, "
              f"load {res['load_1min']:.1f}, {res['measured_at']}): each variant against the rollout scored in "
              "one batch; max |delta log-prob| (share of tokens whose ratio leaves [0.999, 1.001]). 'per batch': "
              "prefix sharing decided per batch (before); 'per run': backbone.share_prompts fixed for the run "
@@ -145,8 +151,8 @@ def main(argv=None) -> dict:
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"batch-invariance-{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / f"batch-invariance-{name}.md").write_text(text)
+        (out / f"batch-invariance-{name}-lora{a.adapter_scale:g}.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / f"batch-invariance-{name}-lora{a.adapter_scale:g}.md").write_text(text)
     return res
 
 
