@@ -206,3 +206,21 @@ def test_demo_advantage_flag_selects_rloo(tmp_path):
     assert not set(run.heldout) & {p for split in run.splits.values() for p in split}
     with pytest.raises(SystemExit):
         parse_args(["--advantage", "ppo"])
+
+
+def test_readme_demo_table_is_generated_from_the_committed_run():
+    """README's demo table is `python -m rlfuse.engine.demo.report`'s rendering of the committed
+    run (and its ceiling run), not typed by hand; the curves beside it come from that run."""
+    from pathlib import Path
+
+    from rlfuse.engine.demo.report import MARK_END, MARK_START, table_markdown
+
+    root = Path(__file__).resolve().parents[1]
+    results = root / "benchmarks" / "results" / "demo"
+    summary = json.loads((results / "demo_summary.json").read_text())
+    ceiling_file = results / "ceiling" / "demo_summary.json"
+    ceiling = json.loads(ceiling_file.read_text()) if ceiling_file.is_file() else None
+    block = (root / "README.md").read_text().split(MARK_START, 1)[1].split(MARK_END, 1)[0]
+    assert block == "\n" + table_markdown(summary, ceiling)
+    assert summary["ppo_advantage"] == "gae" and summary["ppo_reward"] == "reward model"  # the flagship
+    assert (results / "ppo_curves.png").stat().st_size > 10_000
