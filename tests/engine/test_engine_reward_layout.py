@@ -95,13 +95,16 @@ def test_rm_scores_match_between_training_and_ppo_scoring(tmp_path, template):
     ro = score_rollout(bb, _rollout(bb, prompts, ["no idea"] * len(CASES)), with_values=False)
     torch.testing.assert_close(ro.scores, rejected.float(), rtol=1e-4, atol=1e-5)
 
-    # the demo's evaluation scoring uses the same layout
-    from rlfuse.engine import demo
+    # the demo's evaluation uses the same layout: its stage files are these {"system", "prompt"}
+    # rows (read by load_prompts), and its evaluator scores with rollout.score, checked above
+    from rlfuse.engine import evaluate, rollout
+    from rlfuse.engine.demo import task
 
-    assert demo._chat("x")[0] == {"role": "system", "content": demo.SYSTEM}
-    if demo.SYSTEM == SYSTEM:
-        got = demo.reward_model_scores(bb, [p for p, _ in CASES], [r for _, r in CASES], batch_size=2, max_length=256)
-        torch.testing.assert_close(torch.tensor(got), chosen.float(), rtol=1e-4, atol=1e-5)
+    splits = task.Splits(heldout=[], sft=[], annotate=[], synthetic=[], ppo=[p for p, _ in CASES])
+    files = task.write_stage_data(tmp_path / "demo", splits, SYSTEM)
+    demo_prompts = load_prompts(files["ppo"], bb.tokenizer, 256)
+    assert [p.input_ids for p in demo_prompts] == [p.input_ids for p in prompts]
+    assert evaluate.score is rollout.score and evaluate.sample_completions is rollout.sample_completions
 
 
 @pytest.mark.parametrize("template", [None, CHATML_LIKE], ids=["tiny-template", "chatml-like"])
