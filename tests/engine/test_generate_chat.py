@@ -147,7 +147,7 @@ def test_readme_after_training_commands_parse():
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text.split("## After training: export, chat, generate", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^rlfuse (.*)$", section, re.M)
-    assert {c.split()[0] for c in commands} == {"export", "generate", "chat"}
+    assert {c.split()[0] for c in commands} == {"export", "generate", "chat", "eval"}
     for command in commands:
         for variant in (re.sub(r"\[[^\]]*\]", "", command), command.replace("[", "").replace("]", "")):
             build_parser().parse_args(shlex.split(variant))  # without and with the [optional] parts
