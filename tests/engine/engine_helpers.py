@@ -47,3 +47,20 @@ def chat_prompts(tok, texts=("say red", "a longer prompt", "hi")):
 def length_reward(prompts, completions):
     """A reward that varies with the completion (its length mod 3)."""
     return [float(len(c) % 3) for c in completions]
+
+
+def random_policy_backbone(scale: float = 0.2, seed: int = 0):
+    """The tiny test model with a trainable ``policy`` adapter set to random non-zero LoRA weights
+    (peft starts B at zero, where the policy would equal the base)."""
+    import torch
+
+    from rlfuse.engine.backbone import load_backbone
+    from rlfuse.engine.config import ModelConfig
+
+    bb = load_backbone(ModelConfig(), device="cpu", adapters=["policy"])
+    bb.set_trainable(["policy"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in bb.adapter_parameters("policy"):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return bb

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from engine_helpers import chat_prompts
 
 from rlfuse.engine.backbone import load_backbone
 from rlfuse.engine.config import ModelConfig
@@ -15,11 +16,7 @@ TEXTS = ("say red", "a much longer prompt here, with more words", "hi", "two wor
 
 
 def _prompts(tok, texts=TEXTS):
-    out = []
-    for t in texts:
-        rendered = tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-        out.append(Prompt(t, rendered, tok(rendered, add_special_tokens=False)["input_ids"]))
-    return out
+    return chat_prompts(tok, texts)
 
 
 def _zero_reward(prompts, completions):

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from engine_helpers import chat_prompts as _prompts, length_reward as _reward
+from engine_helpers import chat_prompts as _prompts, length_reward as _reward, random_policy_backbone
 
 from rlfuse.engine.advantages import compute_advantages
 from rlfuse.engine.backbone import load_backbone
@@ -16,12 +16,7 @@ from rlfuse.engine.step_values import UpdateBatch
 
 
 def test_single_pass_update_reuses_the_training_forward():
-    bb = load_backbone(ModelConfig(), device="cpu", adapters=["policy"])
-    bb.set_trainable(["policy"])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in bb.adapter_parameters("policy"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    bb = random_policy_backbone()
     ro = generate_rollout(bb, _prompts(bb.tokenizer), n_samples=4, max_new_tokens=6, seed=1)
     c = resolve_loss_options(dataclasses.replace(RunConfig().ppo, advantage="grpo", n_samples=4, ppo_epochs=1,
                                                  minibatch_size=len(ro), kl_coef=0.1))

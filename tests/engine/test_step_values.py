@@ -5,14 +5,16 @@ import dataclasses
 
 import pytest
 import torch
-from engine_helpers import chat_prompts, length_reward as _reward
+from engine_helpers import chat_prompts, length_reward as _reward, random_policy_backbone
 
-from rlfuse.engine.backbone import load_backbone
-from rlfuse.engine.config import ModelConfig, RunConfig
+from rlfuse.engine.config import RunConfig
 from rlfuse.engine.ppo import ppo_update, resolve_ppo_config
 from rlfuse.engine.reward_scale import RewardScaler
 from rlfuse.engine.rollout import sample_completions, score
 from rlfuse.engine.step_values import Sampled, Scored, UpdateBatch, make_update_batch
+
+
+TEXTS = ("say red", "a longer prompt here", "hi")
 
 
 def _snapshot(value) -> dict:
@@ -27,17 +29,11 @@ def _assert_unchanged(value, snapshot):
 
 @pytest.fixture(scope="module")
 def backbone():
-    bb = load_backbone(ModelConfig(), device="cpu", adapters=["policy"])
-    bb.set_trainable(["policy"])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in bb.adapter_parameters("policy"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return bb
+    return random_policy_backbone()
 
 
 def test_values_are_frozen_and_scoring_leaves_the_sample_alone(backbone):
-    sampled = sample_completions(backbone, chat_prompts(backbone.tokenizer, ("say red", "a longer prompt here", "hi")), n_samples=2, max_new_tokens=5, seed=3)
+    sampled = sample_completions(backbone, chat_prompts(backbone.tokenizer, TEXTS), n_samples=2, max_new_tokens=5, seed=3)
     assert type(sampled) is Sampled and sampled.truncated.dtype == torch.bool
     before = _snapshot(sampled)
     scored = score(backbone, sampled, reward_fn=_reward, values="policy")
@@ -57,7 +53,7 @@ def test_the_update_batch_places_the_kl_once_and_the_update_writes_nothing_back(
     c = dataclasses.replace(RunConfig().ppo, advantage=advantage, n_samples=n, kl_coef=0.1, ppo_epochs=1,
                             minibatch_size=6 if reuse else 4, micro_batch_size=None, reward_norm="none")
     c = resolve_ppo_config(c, use_reward_model=False)
-    sampled = sample_completions(backbone, chat_prompts(backbone.tokenizer, ("say red", "a longer prompt here", "hi")), n_samples=n, max_new_tokens=5, seed=4)
+    sampled = sample_completions(backbone, chat_prompts(backbone.tokenizer, TEXTS), n_samples=n, max_new_tokens=5, seed=4)
     scored = score(backbone, sampled, reward_fn=_reward, values="policy" if advantage == "gae" else None,
                    with_policy=not reuse)
     scored_before = _snapshot(scored)
