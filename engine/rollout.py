@@ -118,6 +118,12 @@ _ROW_FIELDS = ("logp", "ref_logp", "entropy", "values", "sample_logp")  # [B, R]
 _ROW_VALUES = ("scores", "truncated")  # [B]
 
 
+def _row_fields(record) -> list[str]:
+    """The per-row fields ``record``'s type has (a ``Sampled`` has no scores, a ``Scored`` has them all)."""
+    names = {f.name for f in dataclasses.fields(record)}
+    return [f for f in _ROW_FIELDS + _ROW_VALUES if f in names]
+
+
 def select_rows(ro, rows: list[int]):
     """The record (``Rollout`` or a step value, same type) of rows ``rows`` only; ``ro`` is left as it is."""
     idx = torch.as_tensor(rows, dtype=torch.long, device=ro.input_ids.device)
@@ -125,7 +131,7 @@ def select_rows(ro, rows: list[int]):
     return dataclasses.replace(ro, input_ids=ro.input_ids[idx], attention_mask=ro.attention_mask[idx],
                                response_mask=ro.response_mask[idx], prompts=[ro.prompts[i] for i in rows],
                                completions=[ro.completions[i] for i in rows],
-                               **{f: pick(getattr(ro, f)) for f in _ROW_FIELDS + _ROW_VALUES})
+                               **{f: pick(getattr(ro, f)) for f in _row_fields(ro)})
 
 
 def concat_rollouts(parts: list, pad_id: int):
@@ -146,12 +152,12 @@ def concat_rollouts(parts: list, pad_id: int):
     attn = torch.cat([torch.cat([grid(r.attention_mask[:, :r.prompt_len], P, 0, left=True),
                                  grid(r.attention_mask[:, r.prompt_len:], R, 0)], 1) for r in parts])
     fields = {}
-    for f in _ROW_FIELDS:
+    for f in (f for f in _ROW_FIELDS if f in _row_fields(parts[0])):
         have = [getattr(r, f) is not None for r in parts]
         if any(have) and not all(have):
             raise ValueError(f"concat_rollouts: {f} is scored in some parts and not in others")
         fields[f] = torch.cat([grid(getattr(r, f), R, 0.0) for r in parts]) if all(have) else None
-    for f in _ROW_VALUES:
+    for f in (f for f in _ROW_VALUES if f in _row_fields(parts[0])):
         fields[f] = (torch.cat([torch.as_tensor(getattr(r, f)) for r in parts])
                      if all(getattr(r, f) is not None for r in parts) else None)
     return dataclasses.replace(parts[0], input_ids=ids, attention_mask=attn, prompt_len=P,

@@ -71,11 +71,6 @@ class UpdateBatch(Scored):
                    loss_kl_coef=float(loss_kl_coef))
 
 
-def as_scored(record) -> Scored:
-    """A ``Scored`` of any record with the same fields (e.g. a ``Rollout``), fields it lacks as None."""
-    return Scored(**{f.name: getattr(record, f.name, None) for f in dataclasses.fields(Scored)})
-
-
 def make_update_batch(scored: Scored, c, *, scaler, kl_coef: float) -> UpdateBatch:
     """Scale the raw scores (normalise -> missing-EOS penalty -> clip, ``reward_scale.py``), place
     the KL (``c.kl_in_loss``: a K.ppo_loss term with ``kl_coef``; else a k1 penalty in the reward)
